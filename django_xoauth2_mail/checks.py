@@ -1,0 +1,222 @@
+"""System checks for ``XOAUTH2_MAIL``: every mistake a site can make in its
+settings is reported at start-up (``manage.py check``) with an id, never as
+a traceback while sending mail."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from typing import Any
+
+from cryptography.fernet import Fernet
+from django.conf import settings
+from django.core.checks import CheckMessage, Error, Tags, Warning, register
+
+from django_xoauth2_mail.conf import DEFAULTS, PROVIDER_IDS, SMTP_SECURITY_MODES
+from django_xoauth2_mail.smtp import is_loopback
+
+PROVIDER_KEYS = {
+    "CLIENT_ID",
+    "CLIENT_SECRET",
+    "SCOPES",
+    "TOKEN_URL",
+    "AUTHORIZATION_URL",
+    "USERINFO_URL",
+    "REVOCATION_URL",
+    "SMTP_HOST",
+    "SMTP_PORT",
+    "SMTP_SECURITY",
+    "SMTP_CA_FILE",
+    "TENANT",
+    "AUTHORITY_HOST",
+    "SERVICE_ACCOUNT_FILE",
+    "SERVICE_ACCOUNT_INFO",
+    "APP_ONLY",
+}
+NUMBERS = {
+    "TOKEN_REFRESH_SKEW": (int, float),
+    "SMTP_TIMEOUT": (int, float),
+    "HTTP_TIMEOUT": (int, float),
+    "TOKEN_REFRESH_ATTEMPTS": (int,),
+}
+
+
+def _error(id_number: int, msg: str, hint: str) -> Error:
+    return Error(msg, hint=hint, id=f"xoauth2_mail.E{id_number:03d}")
+
+
+@register(Tags.compatibility)
+def check_settings(**kwargs: Any) -> list[CheckMessage]:
+    value = getattr(settings, "XOAUTH2_MAIL", {})
+    if not isinstance(value, Mapping):
+        return [
+            _error(
+                1,
+                f"XOAUTH2_MAIL must be a dict, not {type(value).__name__}.",
+                "Set XOAUTH2_MAIL = {'PROVIDERS': {...}} in your settings.",
+            )
+        ]
+    messages: list[CheckMessage] = []
+    for key in sorted(set(value) - set(DEFAULTS)):
+        messages.append(
+            Warning(
+                f"XOAUTH2_MAIL has an unknown key {key!r}; it is ignored.",
+                hint=f"Known keys: {', '.join(sorted(DEFAULTS))}.",
+                id="xoauth2_mail.W001",
+            )
+        )
+    for key, types in NUMBERS.items():
+        number = value.get(key, DEFAULTS[key])
+        if isinstance(number, bool) or not isinstance(number, types) or number <= 0:
+            messages.append(
+                _error(
+                    2,
+                    f"XOAUTH2_MAIL[{key!r}] must be a positive number, not {number!r}.",
+                    f"Remove it to use the default ({DEFAULTS[key]!r}).",
+                )
+            )
+    default_mailbox = value.get("DEFAULT_MAILBOX")
+    if default_mailbox is not None and (
+        not isinstance(default_mailbox, str) or "@" not in default_mailbox
+    ):
+        messages.append(
+            _error(
+                3,
+                f"XOAUTH2_MAIL['DEFAULT_MAILBOX'] must be an email address, not {default_mailbox!r}.",
+                "Use the address of a connected Mailbox, or remove the key.",
+            )
+        )
+    if not isinstance(value.get("ALLOW_INSECURE_SMTP", False), bool):
+        messages.append(
+            _error(4, "XOAUTH2_MAIL['ALLOW_INSECURE_SMTP'] must be True or False.", "")
+        )
+    messages += _check_encryption(value.get("ENCRYPTION_KEYS", []))
+    providers = value.get("PROVIDERS", {})
+    if not isinstance(providers, Mapping):
+        return [
+            *messages,
+            _error(
+                5,
+                "XOAUTH2_MAIL['PROVIDERS'] must be a dict of provider id -> settings.",
+                f"Provider ids: {', '.join(PROVIDER_IDS)}.",
+            ),
+        ]
+    for provider_id, provider_settings in providers.items():
+        messages += _check_provider(provider_id, provider_settings, value)
+    return messages
+
+
+def _check_encryption(keys: Any) -> list[CheckMessage]:
+    keys = [keys] if isinstance(keys, str | bytes) else keys
+    if not isinstance(keys, list | tuple):
+        return [
+            Error(
+                "XOAUTH2_MAIL['ENCRYPTION_KEYS'] must be a list of Fernet keys, newest first.",
+                id="xoauth2_mail.E006",
+            )
+        ]
+    messages: list[CheckMessage] = []
+    for position, key in enumerate(keys):
+        try:
+            Fernet(key)
+        except (ValueError, TypeError):
+            messages.append(
+                Error(
+                    f"XOAUTH2_MAIL['ENCRYPTION_KEYS'][{position}] is not a Fernet key "
+                    "(32 url-safe base64-encoded bytes).",
+                    hint="Generate one with `python -c 'from cryptography.fernet import Fernet; "
+                    "print(Fernet.generate_key().decode())'`.",
+                    id="xoauth2_mail.E006",
+                )
+            )
+    if not keys and not settings.SECRET_KEY:
+        messages.append(
+            Error(
+                "No key to encrypt mailbox tokens: SECRET_KEY is empty and "
+                "XOAUTH2_MAIL['ENCRYPTION_KEYS'] is not set.",
+                id="xoauth2_mail.E007",
+            )
+        )
+    return messages
+
+
+def _check_provider(
+    provider_id: Any, provider_settings: Any, root: Mapping[str, Any]
+) -> list[CheckMessage]:
+    from django_xoauth2_mail.providers import PROVIDER_CLASSES, get_provider_class
+
+    label = f"XOAUTH2_MAIL['PROVIDERS'][{provider_id!r}]"
+    if provider_id not in PROVIDER_IDS or provider_id not in PROVIDER_CLASSES:
+        return [
+            _error(
+                8,
+                f"{label}: unknown provider id {provider_id!r}.",
+                f"Use one of {', '.join(sorted(PROVIDER_CLASSES))}.",
+            )
+        ]
+    if not isinstance(provider_settings, Mapping):
+        return [_error(9, f"{label} must be a dict of settings.", "")]
+    messages: list[CheckMessage] = []
+    for key in sorted(set(provider_settings) - PROVIDER_KEYS):
+        messages.append(
+            Warning(
+                f"{label} has an unknown key {key!r}; it is ignored.",
+                hint=f"Known keys: {', '.join(sorted(PROVIDER_KEYS))}.",
+                id="xoauth2_mail.W002",
+            )
+        )
+    provider_class = get_provider_class(provider_id)
+    for key in provider_class.required_settings:
+        if not provider_settings.get(key):
+            messages.append(
+                _error(
+                    10,
+                    f"{label} has no {key}.",
+                    f"Set {key}; see the {provider_class.name} page of the documentation.",
+                )
+            )
+    messages += _check_smtp(label, provider_class.default_smtp.host, provider_settings, root)
+    scopes = provider_settings.get("SCOPES")
+    if scopes is not None and (
+        isinstance(scopes, str) or not all(isinstance(s, str) for s in scopes)
+    ):
+        messages.append(
+            _error(14, f"{label}['SCOPES'] must be a list of strings.", "e.g. ['openid', 'email']")
+        )
+    return messages
+
+
+def _check_smtp(
+    label: str, default_host: str, values: Mapping[str, Any], root: Mapping[str, Any]
+) -> list[CheckMessage]:
+    messages: list[CheckMessage] = []
+    security = values.get("SMTP_SECURITY")
+    if security is not None and security not in SMTP_SECURITY_MODES:
+        messages.append(
+            _error(
+                11,
+                f"{label}['SMTP_SECURITY'] is {security!r}.",
+                f"Use one of {', '.join(SMTP_SECURITY_MODES)}.",
+            )
+        )
+    port = values.get("SMTP_PORT")
+    if port is not None and (
+        isinstance(port, bool) or not isinstance(port, int) or not 0 < port < 65536
+    ):
+        messages.append(_error(12, f"{label}['SMTP_PORT'] must be a port number, not {port!r}.", ""))
+    ca_file = values.get("SMTP_CA_FILE")
+    if ca_file is not None and not (isinstance(ca_file, str) and os.path.isfile(ca_file)):
+        messages.append(
+            _error(13, f"{label}['SMTP_CA_FILE'] {ca_file!r} is not a readable file.", "")
+        )
+    host = values.get("SMTP_HOST", default_host)
+    if security == "none" and not is_loopback(str(host)) and not root.get("ALLOW_INSECURE_SMTP"):
+        messages.append(
+            Error(
+                f"{label} sends access tokens in clear (SMTP_SECURITY 'none') to {host}.",
+                hint="Use 'tls' or 'starttls'; 'none' is meant for servers on this machine. "
+                "XOAUTH2_MAIL['ALLOW_INSECURE_SMTP'] = True overrides this check.",
+                id="xoauth2_mail.E015",
+            )
+        )
+    return messages

@@ -1,0 +1,90 @@
+"""The one place that reads ``settings.XOAUTH2_MAIL``.
+
+Every key is read lazily, at each access, so ``override_settings`` works in
+tests; defaults live here and nowhere else.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+from django.conf import settings
+
+PROVIDER_IDS = ("google", "microsoft", "oauth2", "dev")
+SMTP_SECURITY_MODES = ("tls", "starttls", "none")
+
+DEFAULTS: dict[str, Any] = {
+    # provider id -> that provider's settings (CLIENT_ID, CLIENT_SECRET, ...).
+    "PROVIDERS": {},
+    # Address of the Mailbox used when a message's From matches none.
+    "DEFAULT_MAILBOX": None,
+    # Fernet keys, newest first. Empty: derived from SECRET_KEY (+ fallbacks).
+    "ENCRYPTION_KEYS": [],
+    # A cached access token is refreshed when it expires within this many seconds.
+    "TOKEN_REFRESH_SKEW": 300,
+    # Seconds for each SMTP network operation (connect, TLS, one command, DATA).
+    "SMTP_TIMEOUT": 30.0,
+    # Seconds for each call to a token endpoint.
+    "HTTP_TIMEOUT": 10.0,
+    # Tries for a token refresh that fails for a temporary reason (5xx, timeout).
+    "TOKEN_REFRESH_ATTEMPTS": 3,
+    # Security "none" sends tokens in clear: only to loopback unless this is True.
+    "ALLOW_INSECURE_SMTP": False,
+}
+
+
+class Settings:
+    """Typed, lazy access to ``settings.XOAUTH2_MAIL``."""
+
+    @property
+    def _user(self) -> Mapping[str, Any]:
+        value = getattr(settings, "XOAUTH2_MAIL", {})
+        return value if isinstance(value, Mapping) else {}
+
+    def get(self, key: str) -> Any:
+        return self._user.get(key, DEFAULTS[key])
+
+    @property
+    def PROVIDERS(self) -> Mapping[str, Mapping[str, Any]]:
+        value = self.get("PROVIDERS")
+        return value if isinstance(value, Mapping) else {}
+
+    def provider_settings(self, provider_id: str) -> Mapping[str, Any]:
+        value = self.PROVIDERS.get(provider_id, {})
+        return value if isinstance(value, Mapping) else {}
+
+    @property
+    def DEFAULT_MAILBOX(self) -> str | None:
+        value = self.get("DEFAULT_MAILBOX")
+        return str(value) if value else None
+
+    @property
+    def ENCRYPTION_KEYS(self) -> list[str]:
+        value = self.get("ENCRYPTION_KEYS")
+        if isinstance(value, str):
+            return [value]
+        return list(value or [])
+
+    @property
+    def TOKEN_REFRESH_SKEW(self) -> float:
+        return float(self.get("TOKEN_REFRESH_SKEW"))
+
+    @property
+    def SMTP_TIMEOUT(self) -> float:
+        return float(self.get("SMTP_TIMEOUT"))
+
+    @property
+    def HTTP_TIMEOUT(self) -> float:
+        return float(self.get("HTTP_TIMEOUT"))
+
+    @property
+    def TOKEN_REFRESH_ATTEMPTS(self) -> int:
+        return int(self.get("TOKEN_REFRESH_ATTEMPTS"))
+
+    @property
+    def ALLOW_INSECURE_SMTP(self) -> bool:
+        return bool(self.get("ALLOW_INSECURE_SMTP"))
+
+
+conf = Settings()

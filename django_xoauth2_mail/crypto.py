@@ -1,0 +1,112 @@
+"""Tokens are encrypted at rest with Fernet (AES-128-CBC + HMAC-SHA256).
+
+Keys come from ``XOAUTH2_MAIL["ENCRYPTION_KEYS"]`` (newest first), or, when
+that is empty, are derived from ``SECRET_KEY`` followed by
+``SECRET_KEY_FALLBACKS``: rotating the secret key the Django way (new key in
+``SECRET_KEY``, old one in the fallbacks) keeps every stored token readable,
+and ``manage.py`` re-saving a mailbox re-encrypts it under the newest key.
+"""
+
+from __future__ import annotations
+
+import base64
+import functools
+from typing import Any
+
+from cryptography.fernet import Fernet, InvalidToken, MultiFernet
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.kdf.hkdf import HKDF
+from django.conf import settings
+from django.db import models
+
+from django_xoauth2_mail.conf import conf
+from django_xoauth2_mail.exceptions import EncryptionKeyError
+
+# Marks ciphertext in serialized output (dumpdata), so loaddata can tell it
+# from a clear value and never encrypts twice.
+SERIALIZED_PREFIX = "fernet:"
+
+
+def derive_key(secret: str) -> bytes:
+    """A Fernet key derived from a Django secret key, unique to this package."""
+    hkdf = HKDF(
+        algorithm=hashes.SHA256(),
+        length=32,
+        salt=b"django-xoauth2-mail",
+        info=b"mailbox-token-encryption",
+    )
+    return base64.urlsafe_b64encode(hkdf.derive(secret.encode()))
+
+
+def configured_keys() -> tuple[bytes, ...]:
+    if conf.ENCRYPTION_KEYS:
+        return tuple(key.encode() if isinstance(key, str) else key for key in conf.ENCRYPTION_KEYS)
+    secrets = [settings.SECRET_KEY, *getattr(settings, "SECRET_KEY_FALLBACKS", [])]
+    return tuple(derive_key(secret) for secret in secrets if secret)
+
+
+@functools.lru_cache(maxsize=8)
+def _fernet_for(keys: tuple[bytes, ...]) -> MultiFernet:
+    try:
+        return MultiFernet([Fernet(key) for key in keys])
+    except (ValueError, TypeError) as exc:
+        raise EncryptionKeyError(
+            "XOAUTH2_MAIL['ENCRYPTION_KEYS'] holds a value that is not a Fernet key "
+            "(32 url-safe base64-encoded bytes). Generate one with "
+            "`python -c 'from cryptography.fernet import Fernet; "
+            "print(Fernet.generate_key().decode())'`."
+        ) from None
+
+
+def fernet() -> MultiFernet:
+    keys = configured_keys()
+    if not keys:
+        raise EncryptionKeyError(
+            "No encryption key: set SECRET_KEY or XOAUTH2_MAIL['ENCRYPTION_KEYS']."
+        )
+    return _fernet_for(keys)
+
+
+def encrypt(value: str) -> str:
+    return fernet().encrypt(value.encode()).decode("ascii")
+
+
+def decrypt(value: str) -> str:
+    try:
+        return fernet().decrypt(value.encode("ascii")).decode()
+    except (InvalidToken, UnicodeEncodeError):
+        raise EncryptionKeyError(
+            "A stored mailbox token cannot be decrypted with the configured keys. "
+            "If you changed SECRET_KEY, put the old one in SECRET_KEY_FALLBACKS; if you "
+            "set XOAUTH2_MAIL['ENCRYPTION_KEYS'], keep the old key after the new one. "
+            "Otherwise reconnect the mailbox."
+        ) from None
+
+
+def rotate(value: str) -> str:
+    """Re-encrypt ciphertext under the newest key."""
+    return fernet().rotate(value.encode("ascii")).decode("ascii")
+
+
+class EncryptedTextField(models.TextField):  # type: ignore[type-arg]
+    """A text field whose value is encrypted in the database.
+
+    Assign and read clear text; the database, fixtures and ``dumpdata`` only
+    ever see ciphertext.
+    """
+
+    def from_db_value(self, value: str | None, expression: Any, connection: Any) -> str | None:
+        return None if value is None else decrypt(value)
+
+    def to_python(self, value: Any) -> str | None:
+        if isinstance(value, str) and value.startswith(SERIALIZED_PREFIX):
+            return decrypt(value.removeprefix(SERIALIZED_PREFIX))
+        return super().to_python(value)  # type: ignore[no-any-return]
+
+    def get_prep_value(self, value: Any) -> str | None:
+        value = super().get_prep_value(value)
+        return None if value is None else encrypt(str(value))
+
+    def value_to_string(self, obj: models.Model) -> str:
+        value = self.value_from_object(obj)
+        return "" if value is None else SERIALIZED_PREFIX + encrypt(value)

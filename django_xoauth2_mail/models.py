@@ -1,0 +1,79 @@
+"""One sending account per row. Tokens are stored encrypted (see crypto.py)."""
+
+from __future__ import annotations
+
+import datetime as dt
+
+from django.db import models
+from django.db.models.functions import Lower
+from django.utils import timezone
+from django.utils.translation import gettext_lazy as _
+
+from django_xoauth2_mail.conf import PROVIDER_IDS
+from django_xoauth2_mail.crypto import EncryptedTextField
+
+
+class MailboxStatus(models.TextChoices):
+    CONNECTED = "connected", _("Connected")
+    RECONNECT_REQUIRED = "reconnect_required", _("Reconnect required")
+    DISCONNECTED = "disconnected", _("Disconnected")
+
+
+class Mailbox(models.Model):
+    email = models.EmailField(
+        _("address"),
+        max_length=254,
+        help_text=_("The account that sends; stored in lower case."),
+    )
+    provider = models.CharField(
+        _("provider"), max_length=32, choices=[(pid, pid) for pid in PROVIDER_IDS]
+    )
+    # Assigned and read in clear; encrypted in the database. Never rendered.
+    refresh_token = EncryptedTextField(_("refresh token"), null=True, blank=True, editable=False)
+    access_token = EncryptedTextField(_("access token"), null=True, blank=True, editable=False)
+    access_token_expires_at = models.DateTimeField(_("access token expires at"), null=True)
+    scopes = models.TextField(_("granted scopes"), blank=True, default="")
+    status = models.CharField(
+        _("status"),
+        max_length=32,
+        choices=MailboxStatus.choices,
+        default=MailboxStatus.CONNECTED,
+    )
+    last_error = models.TextField(_("last error"), blank=True, default="")
+    last_error_at = models.DateTimeField(_("last error at"), null=True, blank=True)
+    last_refreshed_at = models.DateTimeField(_("last token refresh"), null=True, blank=True)
+    last_sent_at = models.DateTimeField(_("last send"), null=True, blank=True)
+    # Bumped by every token refresh: a writer that read an older version
+    # knows another process refreshed in between.
+    token_version = models.PositiveIntegerField(default=0, editable=False)
+    created_at = models.DateTimeField(_("created"), auto_now_add=True)
+    updated_at = models.DateTimeField(_("updated"), auto_now=True)
+
+    class Meta:
+        verbose_name = _("mailbox")
+        verbose_name_plural = _("mailboxes")
+        ordering = ["email"]
+        constraints = [
+            models.UniqueConstraint(Lower("email"), name="xoauth2_mail_mailbox_email_ci_unique"),
+        ]
+
+    def __str__(self) -> str:
+        return self.email
+
+    def __repr__(self) -> str:
+        return f"<Mailbox {self.email} ({self.provider}, {self.status})>"
+
+    def save(self, *args: object, **kwargs: object) -> None:
+        self.email = normalize_address(self.email)
+        super().save(*args, **kwargs)  # type: ignore[arg-type]
+
+    def access_token_is_fresh(self, skew: float, now: dt.datetime | None = None) -> bool:
+        """True while the cached token is more than ``skew`` seconds from expiry."""
+        if not self.access_token or self.access_token_expires_at is None:
+            return False
+        now = now or timezone.now()
+        return self.access_token_expires_at - dt.timedelta(seconds=skew) > now
+
+
+def normalize_address(address: str) -> str:
+    return address.strip().lower()

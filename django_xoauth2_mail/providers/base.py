@@ -1,0 +1,154 @@
+"""The interface every provider adapter implements.
+
+A provider is the only code that knows an OAuth2 server: its token endpoint,
+its scopes and its SMTP endpoint. Everything else in the package talks to
+this interface. Provider errors are reported with the two exceptions below,
+which the token layer turns into the user-facing ones.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime as dt
+import json
+from collections.abc import Mapping
+from typing import Any, ClassVar, Literal
+
+import requests
+from django.utils import timezone
+
+from django_xoauth2_mail.conf import conf
+
+SMTPSecurity = Literal["tls", "starttls", "none"]
+
+
+class GrantRevoked(Exception):
+    """The provider refused the grant for good (OAuth2 ``invalid_grant``)."""
+
+
+class TokenEndpointError(Exception):
+    """The token endpoint failed; ``retryable`` when trying again may help."""
+
+    def __init__(self, message: str, *, retryable: bool) -> None:
+        super().__init__(message)
+        self.retryable = retryable
+
+
+@dataclasses.dataclass(frozen=True)
+class SMTPEndpoint:
+    host: str
+    port: int
+    security: SMTPSecurity
+    ca_file: str | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class TokenResult:
+    """A token endpoint's answer. ``refresh_token`` is set when it rotated."""
+
+    access_token: str = dataclasses.field(repr=False)
+    expires_at: dt.datetime
+    refresh_token: str | None = dataclasses.field(default=None, repr=False)
+    scopes: tuple[str, ...] = ()
+
+
+class Provider:
+    """Base class: subclasses set the class attributes and implement the refresh."""
+
+    id: ClassVar[str]
+    name: ClassVar[str]
+    default_smtp: ClassVar[SMTPEndpoint]
+    default_scopes: ClassVar[tuple[str, ...]] = ()
+    # Settings keys this provider cannot work without (checked by checks.py).
+    required_settings: ClassVar[tuple[str, ...]] = ("CLIENT_ID",)
+
+    def __init__(self, settings: Mapping[str, Any] | None = None) -> None:
+        self.settings: Mapping[str, Any] = (
+            settings if settings is not None else conf.provider_settings(self.id)
+        )
+
+    def __repr__(self) -> str:
+        # Never show settings: they hold the client secret.
+        return f"<{type(self).__name__} {self.id!r}>"
+
+    @property
+    def smtp_endpoint(self) -> SMTPEndpoint:
+        default = self.default_smtp
+        return SMTPEndpoint(
+            host=self.settings.get("SMTP_HOST", default.host),
+            port=int(self.settings.get("SMTP_PORT", default.port)),
+            security=self.settings.get("SMTP_SECURITY", default.security),
+            ca_file=self.settings.get("SMTP_CA_FILE", default.ca_file),
+        )
+
+    @property
+    def scopes(self) -> tuple[str, ...]:
+        return tuple(self.settings.get("SCOPES", self.default_scopes))
+
+    def refresh_access_token(self, email: str, refresh_token: str | None) -> TokenResult:
+        """Return a new access token for the mailbox ``email``.
+
+        Raise :class:`GrantRevoked` when the grant is dead and
+        :class:`TokenEndpointError` for anything else.
+        """
+        raise NotImplementedError
+
+
+def expiry_from(expires_in: Any) -> dt.datetime:
+    try:
+        seconds = int(expires_in)
+    except (TypeError, ValueError):
+        raise TokenEndpointError(
+            f"the token endpoint's answer has no usable expires_in ({expires_in!r})",
+            retryable=False,
+        ) from None
+    return timezone.now() + dt.timedelta(seconds=seconds)
+
+
+def post_token_request(url: str, data: Mapping[str, str]) -> dict[str, Any]:
+    """POST a form to a token endpoint and return its JSON answer.
+
+    Maps every failure to GrantRevoked or TokenEndpointError with a message
+    that never includes the request (it holds secrets).
+    """
+    try:
+        response = requests.post(url, data=dict(data), timeout=conf.HTTP_TIMEOUT)
+    except requests.Timeout:
+        raise TokenEndpointError(
+            f"the token endpoint {url} did not answer within {conf.HTTP_TIMEOUT:g} s",
+            retryable=True,
+        ) from None
+    except requests.RequestException as exc:
+        raise TokenEndpointError(
+            f"the token endpoint {url} could not be reached ({type(exc).__name__})",
+            retryable=True,
+        ) from None
+    return parse_token_response(url, response.status_code, response.text)
+
+
+def parse_token_response(url: str, status: int, body: str) -> dict[str, Any]:
+    try:
+        payload = json.loads(body)
+    except ValueError:
+        payload = None
+    if not isinstance(payload, dict):
+        raise TokenEndpointError(
+            f"the token endpoint {url} answered HTTP {status} with something that is not "
+            "a JSON object (check the TOKEN_URL setting)",
+            retryable=status >= 500,
+        )
+    if status == 200 and "error" not in payload:
+        if not isinstance(payload.get("access_token"), str):
+            raise TokenEndpointError(
+                f"the token endpoint {url} answered without an access_token", retryable=False
+            )
+        return payload
+    error = str(payload.get("error", f"HTTP {status}"))
+    description = payload.get("error_description")
+    detail = f"{error}: {description}" if description else error
+    if error == "invalid_grant":
+        raise GrantRevoked(detail)
+    raise TokenEndpointError(
+        f"the token endpoint {url} refused the refresh ({detail})",
+        retryable=status >= 500 or status == 429,
+    )

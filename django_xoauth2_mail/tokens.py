@@ -1,0 +1,209 @@
+"""The access-token lifecycle: use the cached token, or refresh it once.
+
+A refresh happens under two locks: a per-mailbox ``threading.Lock`` (threads
+of this process queue up instead of hitting the database) and the Mailbox
+row lock (``select_for_update``, which other processes and machines respect).
+Whoever gets the locks second finds the token already refreshed and uses it,
+so N concurrent senders with an expired token cause one refresh. The lock is
+a database row lock, so it dies with the transaction if the process dies.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections import defaultdict
+from dataclasses import dataclass
+
+from django.db import connections, router, transaction
+from django.db.models import F
+from django.utils import timezone
+
+from django_xoauth2_mail import signals
+from django_xoauth2_mail.conf import conf
+from django_xoauth2_mail.exceptions import (
+    MailboxDisconnected,
+    MailboxReconnectRequired,
+    TokenRefreshError,
+)
+from django_xoauth2_mail.models import Mailbox, MailboxStatus
+from django_xoauth2_mail.providers import get_provider
+from django_xoauth2_mail.providers.base import GrantRevoked, TokenEndpointError, TokenResult
+
+logger = logging.getLogger(__name__)
+
+_thread_locks: defaultdict[int, threading.Lock] = defaultdict(threading.Lock)
+_thread_locks_guard = threading.Lock()
+
+# Seconds to wait before each retry of a refresh that failed for a temporary reason.
+RETRY_BACKOFF = (0.5, 2.0, 5.0)
+
+
+def _thread_lock(mailbox_pk: int) -> threading.Lock:
+    with _thread_locks_guard:
+        return _thread_locks[mailbox_pk]
+
+
+def ensure_sendable(mailbox: Mailbox) -> None:
+    """Fail fast, without a network call, for a mailbox that cannot send."""
+    if mailbox.status == MailboxStatus.RECONNECT_REQUIRED:
+        raise MailboxReconnectRequired(mailbox.email, mailbox.last_error)
+    if mailbox.status == MailboxStatus.DISCONNECTED:
+        raise MailboxDisconnected(mailbox.email)
+
+
+def get_access_token(mailbox: Mailbox, *, rejected_token: str | None = None) -> str:
+    """A valid access token for ``mailbox``, refreshing it when needed.
+
+    ``rejected_token`` is a token the SMTP server just refused: it is not
+    returned again even if it looks fresh. ``mailbox`` is updated in place.
+    """
+    ensure_sendable(mailbox)
+    if _usable(mailbox, rejected_token):
+        return mailbox.access_token  # type: ignore[return-value]
+    with _thread_lock(mailbox.pk):
+        outcome = _refresh_under_row_lock(mailbox, rejected_token)
+    return outcome.finish(mailbox)
+
+
+def _usable(mailbox: Mailbox, rejected_token: str | None) -> bool:
+    return mailbox.access_token_is_fresh(conf.TOKEN_REFRESH_SKEW) and (
+        rejected_token is None or mailbox.access_token != rejected_token
+    )
+
+
+@dataclass
+class _Outcome:
+    """What happened under the lock; acted on after the transaction ended
+    (signals must not see a transaction that may still roll back)."""
+
+    refreshed: bool = False
+    rotated: bool = False
+    revoked_detail: str | None = None
+    error: TokenRefreshError | None = None
+
+    def finish(self, mailbox: Mailbox) -> str:
+        if self.revoked_detail is not None:
+            signals.mailbox_reconnect_required.send(
+                sender=Mailbox, mailbox=mailbox, error=self.revoked_detail
+            )
+            raise MailboxReconnectRequired(mailbox.email, self.revoked_detail)
+        if self.error is not None:
+            raise self.error
+        ensure_sendable(mailbox)
+        if self.refreshed:
+            signals.token_refreshed.send(
+                sender=Mailbox,
+                mailbox=mailbox,
+                expires_at=mailbox.access_token_expires_at,
+                refresh_token_rotated=self.rotated,
+            )
+        return mailbox.access_token  # type: ignore[return-value]
+
+
+def _refresh_under_row_lock(mailbox: Mailbox, rejected_token: str | None) -> _Outcome:
+    using = router.db_for_write(Mailbox, instance=mailbox)
+    with transaction.atomic(using=using):
+        if connections[using].vendor == "sqlite":
+            # SQLite ignores SELECT ... FOR UPDATE; a no-op write takes its
+            # database write lock, which serialises other processes the same way.
+            Mailbox.objects.using(using).filter(pk=mailbox.pk).update(
+                token_version=F("token_version")
+            )
+        locked = Mailbox.objects.using(using).select_for_update().get(pk=mailbox.pk)
+        _copy_token_state(locked, mailbox)
+        if locked.status != MailboxStatus.CONNECTED or _usable(locked, rejected_token):
+            return _Outcome()  # someone else refreshed, or the mailbox is unusable
+        try:
+            result = _call_provider(locked)
+        except GrantRevoked as exc:
+            _mark_reconnect_required(locked, str(exc))
+            _copy_token_state(locked, mailbox)
+            return _Outcome(revoked_detail=str(exc))
+        except TokenEndpointError as exc:
+            error = TokenRefreshError(
+                f"Could not refresh the access token of {mailbox.email}: {exc}. "
+                "Nothing was sent; try again later, and check the provider's settings "
+                "if it persists.",
+                mailbox=mailbox.email,
+            )
+            _record_error(locked, str(error))
+            return _Outcome(error=error)
+        _save_token(locked, result)
+        _copy_token_state(locked, mailbox)
+        return _Outcome(refreshed=True, rotated=result.refresh_token is not None)
+
+
+def _call_provider(mailbox: Mailbox) -> TokenResult:
+    provider = get_provider(mailbox.provider)
+    attempts = max(1, conf.TOKEN_REFRESH_ATTEMPTS)
+    for attempt in range(attempts):
+        try:
+            return provider.refresh_access_token(mailbox.email, mailbox.refresh_token)
+        except TokenEndpointError as exc:
+            if not exc.retryable or attempt == attempts - 1:
+                raise
+            delay = RETRY_BACKOFF[min(attempt, len(RETRY_BACKOFF) - 1)]
+            logger.warning(
+                "Token refresh for %s failed (%s); retrying in %.1f s", mailbox.email, exc, delay
+            )
+            time.sleep(delay)
+    raise AssertionError("unreachable")
+
+
+def _save_token(mailbox: Mailbox, result: TokenResult) -> None:
+    now = timezone.now()
+    mailbox.access_token = result.access_token
+    mailbox.access_token_expires_at = result.expires_at
+    if result.refresh_token:
+        # Providers that rotate (Microsoft) invalidate the old one: losing
+        # this write would lose the mailbox, so it is saved with the token.
+        mailbox.refresh_token = result.refresh_token
+    if result.scopes:
+        mailbox.scopes = " ".join(result.scopes)
+    mailbox.last_refreshed_at = now
+    mailbox.token_version += 1
+    mailbox.save(
+        update_fields=[
+            "access_token",
+            "access_token_expires_at",
+            "refresh_token",
+            "scopes",
+            "last_refreshed_at",
+            "token_version",
+            "updated_at",
+        ]
+    )
+    logger.info("Refreshed the access token of %s", mailbox.email)
+
+
+def _mark_reconnect_required(mailbox: Mailbox, detail: str) -> None:
+    mailbox.status = MailboxStatus.RECONNECT_REQUIRED
+    mailbox.access_token = None
+    mailbox.access_token_expires_at = None
+    _record_error(mailbox, detail, extra_fields=["status", "access_token", "access_token_expires_at"])
+    logger.error("Mailbox %s needs to be reconnected: %s", mailbox.email, detail)
+
+
+def _record_error(mailbox: Mailbox, error: str, extra_fields: list[str] | None = None) -> None:
+    mailbox.last_error = error
+    mailbox.last_error_at = timezone.now()
+    mailbox.save(update_fields=["last_error", "last_error_at", "updated_at", *(extra_fields or [])])
+
+
+def _copy_token_state(source: Mailbox, target: Mailbox) -> None:
+    if source is target:
+        return
+    for field in (
+        "access_token",
+        "access_token_expires_at",
+        "refresh_token",
+        "scopes",
+        "status",
+        "last_error",
+        "last_error_at",
+        "last_refreshed_at",
+        "token_version",
+    ):
+        setattr(target, field, getattr(source, field))

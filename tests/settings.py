@@ -1,0 +1,65 @@
+"""Settings for the test-suite: SQLite by default, PostgreSQL when asked."""
+
+import os
+
+import django
+
+SECRET_KEY = "tests-secret-key-not-for-production"
+DEBUG = False
+USE_TZ = True
+TIME_ZONE = "UTC"
+INSTALLED_APPS = [
+    "django.contrib.admin",
+    "django.contrib.auth",
+    "django.contrib.contenttypes",
+    "django.contrib.sessions",
+    "django.contrib.messages",
+    "django_xoauth2_mail",
+]
+MIDDLEWARE = [
+    "django.contrib.sessions.middleware.SessionMiddleware",
+    "django.contrib.auth.middleware.AuthenticationMiddleware",
+    "django.contrib.messages.middleware.MessageMiddleware",
+]
+ROOT_URLCONF = "tests.urls"
+TEMPLATES = [
+    {
+        "BACKEND": "django.template.backends.django.DjangoTemplates",
+        "APP_DIRS": True,
+        "OPTIONS": {
+            "context_processors": [
+                "django.template.context_processors.request",
+                "django.contrib.auth.context_processors.auth",
+                "django.contrib.messages.context_processors.messages",
+            ]
+        },
+    }
+]
+
+if os.environ.get("XOAUTH2_MAIL_TEST_POSTGRES"):
+    DATABASES = {
+        "default": {
+            "ENGINE": "django.db.backends.postgresql",
+            "NAME": "xoauth2_mail",
+            "HOST": os.environ.get("PGHOST", "127.0.0.1"),
+            "PORT": os.environ.get("PGPORT", "5432"),
+            "USER": os.environ.get("PGUSER", "postgres"),
+            "PASSWORD": os.environ.get("PGPASSWORD", ""),
+        }
+    }
+else:
+    DATABASES = {
+        "default": {
+            "ENGINE": "django.db.backends.sqlite3",
+            # A file (not :memory:) so threads and child processes share it.
+            "NAME": os.path.join(os.environ.get("TMPDIR", "/tmp"), f"xoauth2-mail-{os.getpid()}.sqlite3"),
+            "TEST": {"NAME": os.path.join(os.environ.get("TMPDIR", "/tmp"), f"xoauth2-mail-test-{os.getpid()}.sqlite3")},
+        }
+    }
+
+if django.VERSION >= (6, 1):
+    MAILERS = {"default": {"BACKEND": "django_xoauth2_mail.backends.EmailBackend"}}
+else:
+    EMAIL_BACKEND = "django_xoauth2_mail.backends.EmailBackend"
+DEFAULT_FROM_EMAIL = "sender@example.com"
+XOAUTH2_MAIL: dict = {"PROVIDERS": {}}
