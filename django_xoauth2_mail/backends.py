@@ -14,9 +14,9 @@ from __future__ import annotations
 import asyncio
 import datetime as dt
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 import django
 from asgiref.sync import sync_to_async
@@ -34,14 +34,15 @@ from django_xoauth2_mail.exceptions import (
     SendError,
     XOAuth2MailError,
 )
+from django_xoauth2_mail.loop import event_loop_running_here, mail_loop, run_orm, sync_worker
 from django_xoauth2_mail.messages import Envelope, build_envelope, sender_candidates
 from django_xoauth2_mail.models import Mailbox, normalize_address
 from django_xoauth2_mail.providers import get_provider
 from django_xoauth2_mail.providers.base import SMTPEndpoint
 from django_xoauth2_mail.smtp import DeliveryResult, SMTPSession
-from django_xoauth2_mail.loop import event_loop_running_here, mail_loop, run_orm, sync_worker
 
 logger = logging.getLogger(__name__)
+T = TypeVar("T")
 
 # Django 6.1's BaseEmailBackend takes ``alias`` and rejects unknown options itself.
 BASE_TAKES_ALIAS = django.VERSION >= (6, 1)
@@ -138,7 +139,7 @@ class EmailBackend(BaseEmailBackend):
         return await sync_to_async(self._finish)(batch)
 
     @staticmethod
-    def _call_blocking(function: Any, *args: Any) -> Any:
+    def _call_blocking(function: Callable[..., T], *args: Any) -> T:
         if event_loop_running_here():
             # An async view called send_mail(): Django forbids the ORM in this
             # thread, so do the (blocking, by contract) work in a worker thread.
@@ -327,7 +328,9 @@ class EmailBackend(BaseEmailBackend):
 
 
 def _result_error(index: int, mailbox: Mailbox, result: DeliveryResult) -> SendError:
-    refused = ", ".join(f"{rcpt} ({code} {reply})" for rcpt, (code, reply) in result.refused.items())
+    refused = ", ".join(
+        f"{rcpt} ({code} {reply})" for rcpt, (code, reply) in result.refused.items()
+    )
     if result.delivered:
         text = f"message #{index} was sent, but the server refused these recipients: {refused}"
     elif result.undetermined:

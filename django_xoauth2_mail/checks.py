@@ -82,15 +82,13 @@ def check_settings(**kwargs: Any) -> list[CheckMessage]:
         messages.append(
             _error(
                 3,
-                f"XOAUTH2_MAIL['DEFAULT_MAILBOX'] must be an email address, not {default_mailbox!r}.",
+                "XOAUTH2_MAIL['DEFAULT_MAILBOX'] must be an email address, "
+                f"not {default_mailbox!r}.",
                 "Use the address of a connected Mailbox, or remove the key.",
             )
         )
     if not isinstance(value.get("ALLOW_INSECURE_SMTP", False), bool):
-        messages.append(
-            _error(4, "XOAUTH2_MAIL['ALLOW_INSECURE_SMTP'] must be True or False.", "")
-        )
-    messages += _check_encryption(value.get("ENCRYPTION_KEYS", []))
+        messages.append(_error(4, "XOAUTH2_MAIL['ALLOW_INSECURE_SMTP'] must be True or False.", ""))
     providers = value.get("PROVIDERS", {})
     if not isinstance(providers, Mapping):
         return [
@@ -102,7 +100,7 @@ def check_settings(**kwargs: Any) -> list[CheckMessage]:
             ),
         ]
     for provider_id, provider_settings in providers.items():
-        messages += _check_provider(provider_id, provider_settings, value)
+        messages += _check_provider(provider_id, provider_settings)
     return messages
 
 
@@ -129,20 +127,10 @@ def _check_encryption(keys: Any) -> list[CheckMessage]:
                     id="xoauth2_mail.E006",
                 )
             )
-    if not keys and not settings.SECRET_KEY:
-        messages.append(
-            Error(
-                "No key to encrypt mailbox tokens: SECRET_KEY is empty and "
-                "XOAUTH2_MAIL['ENCRYPTION_KEYS'] is not set.",
-                id="xoauth2_mail.E007",
-            )
-        )
     return messages
 
 
-def _check_provider(
-    provider_id: Any, provider_settings: Any, root: Mapping[str, Any]
-) -> list[CheckMessage]:
+def _check_provider(provider_id: Any, provider_settings: Any) -> list[CheckMessage]:
     from django_xoauth2_mail.providers import PROVIDER_CLASSES, get_provider_class
 
     label = f"XOAUTH2_MAIL['PROVIDERS'][{provider_id!r}]"
@@ -175,7 +163,7 @@ def _check_provider(
                     f"Set {key}; see the {provider_class.name} page of the documentation.",
                 )
             )
-    messages += _check_smtp(label, provider_class.default_smtp.host, provider_settings, root)
+    messages += _check_smtp(label, provider_settings)
     scopes = provider_settings.get("SCOPES")
     if scopes is not None and (
         isinstance(scopes, str) or not all(isinstance(s, str) for s in scopes)
@@ -186,9 +174,7 @@ def _check_provider(
     return messages
 
 
-def _check_smtp(
-    label: str, default_host: str, values: Mapping[str, Any], root: Mapping[str, Any]
-) -> list[CheckMessage]:
+def _check_smtp(label: str, values: Mapping[str, Any]) -> list[CheckMessage]:
     messages: list[CheckMessage] = []
     security = values.get("SMTP_SECURITY")
     if security is not None and security not in SMTP_SECURITY_MODES:
@@ -203,20 +189,39 @@ def _check_smtp(
     if port is not None and (
         isinstance(port, bool) or not isinstance(port, int) or not 0 < port < 65536
     ):
-        messages.append(_error(12, f"{label}['SMTP_PORT'] must be a port number, not {port!r}.", ""))
+        messages.append(
+            _error(12, f"{label}['SMTP_PORT'] must be a port number, not {port!r}.", "")
+        )
     ca_file = values.get("SMTP_CA_FILE")
     if ca_file is not None and not (isinstance(ca_file, str) and os.path.isfile(ca_file)):
         messages.append(
             _error(13, f"{label}['SMTP_CA_FILE'] {ca_file!r} is not a readable file.", "")
         )
-    host = values.get("SMTP_HOST", default_host)
-    if security == "none" and not is_loopback(str(host)) and not root.get("ALLOW_INSECURE_SMTP"):
-        messages.append(
-            Error(
-                f"{label} sends access tokens in clear (SMTP_SECURITY 'none') to {host}.",
-                hint="Use 'tls' or 'starttls'; 'none' is meant for servers on this machine. "
-                "XOAUTH2_MAIL['ALLOW_INSECURE_SMTP'] = True overrides this check.",
-                id="xoauth2_mail.E015",
+    return messages
+
+
+@register(Tags.security, deploy=False)
+def check_security(**kwargs: Any) -> list[CheckMessage]:
+    """Key material, and tokens that would cross the network in clear."""
+    value = getattr(settings, "XOAUTH2_MAIL", {})
+    if not isinstance(value, Mapping):
+        return []  # reported as E001
+    messages = _check_encryption(value.get("ENCRYPTION_KEYS", []))
+    providers = value.get("PROVIDERS", {})
+    if not isinstance(providers, Mapping) or value.get("ALLOW_INSECURE_SMTP"):
+        return messages
+    for provider_id, values in providers.items():
+        if not isinstance(values, Mapping) or values.get("SMTP_SECURITY") != "none":
+            continue
+        host = str(values.get("SMTP_HOST", ""))
+        if host and not is_loopback(host):
+            messages.append(
+                Error(
+                    f"XOAUTH2_MAIL['PROVIDERS'][{provider_id!r}] would send access tokens in "
+                    f"clear (SMTP_SECURITY 'none') to {host}.",
+                    hint="Use 'tls' or 'starttls'; 'none' is meant for servers on this machine. "
+                    "XOAUTH2_MAIL['ALLOW_INSECURE_SMTP'] = True overrides this check.",
+                    id="xoauth2_mail.E015",
+                )
             )
-        )
     return messages

@@ -157,7 +157,9 @@ class SMTPSession:
         for attempt in (1, 2):
             tried: list[str] = []
 
-            async def generate_token(rejected: str | None = rejected) -> str:
+            async def generate_token(
+                rejected: str | None = rejected, tried: list[str] = tried
+            ) -> str:
                 token = await self.token_source(rejected)
                 tried.append(token)
                 return token
@@ -180,7 +182,9 @@ class SMTPSession:
         from django_xoauth2_mail.diagnostics import explain_auth_failure
 
         return SMTPAuthenticationFailed(
-            explain_auth_failure(self.username, self.endpoint, exc.code, exc.message, exc.challenge),
+            explain_auth_failure(
+                self.username, self.endpoint, exc.code, exc.message, exc.challenge
+            ),
             mailbox=self.username,
             smtp_code=exc.code,
             smtp_error=exc.message,
@@ -258,7 +262,9 @@ class SMTPSession:
             )
         return DeliveryResult(delivered=True, refused=refused)
 
-    def _mail_options(self, client: XOAuth2Client, envelope: Envelope) -> list[str] | DeliveryResult:
+    def _mail_options(
+        self, client: XOAuth2Client, envelope: Envelope
+    ) -> list[str] | DeliveryResult:
         options: list[str] = []
         if client.supports_extension("size"):
             limit = client.esmtp_extensions.get("size", "")

@@ -182,7 +182,9 @@ def _mark_reconnect_required(mailbox: Mailbox, detail: str) -> None:
     mailbox.status = MailboxStatus.RECONNECT_REQUIRED
     mailbox.access_token = None
     mailbox.access_token_expires_at = None
-    _record_error(mailbox, detail, extra_fields=["status", "access_token", "access_token_expires_at"])
+    _record_error(
+        mailbox, detail, extra_fields=["status", "access_token", "access_token_expires_at"]
+    )
     logger.error("Mailbox %s needs to be reconnected: %s", mailbox.email, detail)
 
 

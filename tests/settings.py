@@ -36,6 +36,7 @@ TEMPLATES = [
     }
 ]
 
+DATABASES: dict[str, dict[str, object]]
 if os.environ.get("XOAUTH2_MAIL_TEST_POSTGRES"):
     DATABASES = {
         "default": {
@@ -48,12 +49,19 @@ if os.environ.get("XOAUTH2_MAIL_TEST_POSTGRES"):
         }
     }
 else:
+    TMPDIR = os.environ.get("TMPDIR", "/tmp")
     DATABASES = {
         "default": {
             "ENGINE": "django.db.backends.sqlite3",
             # A file (not :memory:) so threads and child processes share it.
-            "NAME": os.path.join(os.environ.get("TMPDIR", "/tmp"), f"xoauth2-mail-{os.getpid()}.sqlite3"),
-            "TEST": {"NAME": os.path.join(os.environ.get("TMPDIR", "/tmp"), f"xoauth2-mail-test-{os.getpid()}.sqlite3")},
+            "NAME": os.path.join(
+                os.environ.get("TMPDIR", "/tmp"), f"xoauth2-mail-{os.getpid()}.sqlite3"
+            ),
+            "TEST": {
+                "NAME": os.path.join(
+                    os.environ.get("TMPDIR", "/tmp"), f"xoauth2-mail-test-{os.getpid()}.sqlite3"
+                )
+            },
         }
     }
 
@@ -62,4 +70,4 @@ if django.VERSION >= (6, 1):
 else:
     EMAIL_BACKEND = "django_xoauth2_mail.backends.EmailBackend"
 DEFAULT_FROM_EMAIL = "sender@example.com"
-XOAUTH2_MAIL: dict = {"PROVIDERS": {}}
+XOAUTH2_MAIL: dict[str, object] = {"PROVIDERS": {}}

@@ -52,7 +52,9 @@ def test_cached_token_is_used_without_refresh(mailbox, xoauth2_smtp_server, oaut
     assert oauth2_server.token_request_count == 1
 
 
-def test_expired_token_is_refreshed_once_before_sending(mailbox, xoauth2_smtp_server, oauth2_server):
+def test_expired_token_is_refreshed_once_before_sending(
+    mailbox, xoauth2_smtp_server, oauth2_server
+):
     mail.send_mail("One", "Body", SENDER, ["to@example.org"])
     Mailbox.objects.filter(pk=mailbox.pk).update(
         access_token_expires_at=timezone.now() + dt.timedelta(seconds=30)  # inside the skew
@@ -144,7 +146,10 @@ def test_messages_from_several_mailboxes_each_use_their_own(
 
 def test_sender_header_picks_the_mailbox(mailbox, xoauth2_smtp_server):
     message = EmailMessage(
-        "Hi", "Body", "Someone <someone@elsewhere.example>", ["to@example.org"],
+        "Hi",
+        "Body",
+        "Someone <someone@elsewhere.example>",
+        ["to@example.org"],
         headers={"Sender": SENDER},
     )
     assert message.send() == 1

@@ -22,7 +22,9 @@ FIXED = {"Date": "Tue, 24 Nov 2026 08:00:00 -0000", "Message-ID": "<fixed@exampl
 
 
 def plain_text() -> EmailMessage:
-    return EmailMessage("Plain", "Hello\nworld\n.\nFrom here", SENDER, ["to@example.org"], headers=FIXED)
+    return EmailMessage(
+        "Plain", "Hello\nworld\n.\nFrom here", SENDER, ["to@example.org"], headers=FIXED
+    )
 
 
 def everything() -> EmailMessage:

@@ -52,8 +52,20 @@ class TokenResult:
     scopes: tuple[str, ...] = ()
 
 
+@dataclasses.dataclass(frozen=True)
+class ConsentResult:
+    """What a finished consent flow yields: the account and its first tokens."""
+
+    email: str | None  # the account's address, when the provider told it
+    access_token: str = dataclasses.field(repr=False)
+    expires_at: dt.datetime
+    refresh_token: str | None = dataclasses.field(default=None, repr=False)
+    scopes: tuple[str, ...] = ()
+
+
 class Provider:
-    """Base class: subclasses set the class attributes and implement the refresh."""
+    """Base class: subclasses set the class attributes and implement the refresh
+    and, for providers that have a consent step, the authorization-code flow."""
 
     id: ClassVar[str]
     name: ClassVar[str]
@@ -92,6 +104,22 @@ class Provider:
         :class:`TokenEndpointError` for anything else.
         """
         raise NotImplementedError
+
+    # Consent (authorization code with PKCE S256). -------------------------
+
+    def authorization_url(
+        self, *, redirect_uri: str, state: str, code_challenge: str, login_hint: str | None = None
+    ) -> str:
+        """The provider's consent page for this request."""
+        raise NotImplementedError
+
+    def exchange_code(self, *, code: str, redirect_uri: str, code_verifier: str) -> ConsentResult:
+        """Trade the authorization code for tokens (and the account's address)."""
+        raise NotImplementedError
+
+    def revoke_token(self, token: str) -> bool:
+        """Revoke a refresh token at the provider; False where it offers no revocation."""
+        return False
 
 
 def expiry_from(expires_in: Any) -> dt.datetime:

@@ -1,0 +1,84 @@
+"""Provider-neutral steps of a consent flow, shared by the connect_mailbox
+command and the admin: PKCE and state, and saving the result on a Mailbox."""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import secrets
+from dataclasses import dataclass
+
+from django.db import transaction
+from django.utils import timezone
+
+from django_xoauth2_mail.exceptions import XOAuth2MailError
+from django_xoauth2_mail.models import Mailbox, MailboxStatus, normalize_address
+from django_xoauth2_mail.providers.base import ConsentResult
+
+
+class ConsentError(XOAuth2MailError):
+    """A consent flow ended without a usable grant (denied, wrong state, mismatch ...)."""
+
+
+@dataclass(frozen=True)
+class PKCEPair:
+    verifier: str
+    challenge: str  # S256
+
+
+def make_pkce_pair() -> PKCEPair:
+    verifier = secrets.token_urlsafe(64)  # 86 characters, inside RFC 7636's 43-128
+    digest = hashlib.sha256(verifier.encode("ascii")).digest()
+    return PKCEPair(verifier, base64.urlsafe_b64encode(digest).rstrip(b"=").decode("ascii"))
+
+
+def make_state() -> str:
+    return secrets.token_urlsafe(32)
+
+
+def check_state(expected: str | None, received: str | None) -> None:
+    if not expected or not received or not secrets.compare_digest(expected, received):
+        raise ConsentError(
+            "The consent answer does not belong to this request (state mismatch). Start "
+            "the connection again; if it keeps happening, someone may be replaying an old link."
+        )
+
+
+def resolve_email(result: ConsentResult, requested: str | None) -> str:
+    """The mailbox address: the provider's, checked against the one asked for."""
+    told = normalize_address(result.email) if result.email else None
+    asked = normalize_address(requested) if requested else None
+    if told and asked and told != asked:
+        raise ConsentError(
+            f"You asked to connect {asked}, but the provider's consent was given by {told}. "
+            f"Sign in as {asked} at the provider, or connect {told} instead."
+        )
+    email = told or asked
+    if not email:
+        raise ConsentError(
+            "The provider did not say which account consented; give it with --email (or in "
+            "the admin form)."
+        )
+    return email
+
+
+def save_consent(provider_id: str, result: ConsentResult, requested_email: str | None) -> Mailbox:
+    """Create or re-authorise the Mailbox, clearing any reconnect-required flag."""
+    email = resolve_email(result, requested_email)
+    with transaction.atomic():
+        mailbox = Mailbox.objects.select_for_update().filter(email=email).first() or Mailbox(
+            email=email
+        )
+        mailbox.provider = provider_id
+        mailbox.access_token = result.access_token
+        mailbox.access_token_expires_at = result.expires_at
+        if result.refresh_token or not mailbox.refresh_token:
+            mailbox.refresh_token = result.refresh_token
+        mailbox.scopes = " ".join(result.scopes)
+        mailbox.status = MailboxStatus.CONNECTED
+        mailbox.last_error = ""
+        mailbox.last_error_at = None
+        mailbox.last_refreshed_at = timezone.now()
+        mailbox.token_version += 1
+        mailbox.save()
+    return mailbox

@@ -1,0 +1,91 @@
+"""Every system check, by id: each misconfiguration is reported at start-up."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+from cryptography.fernet import Fernet
+
+from django_xoauth2_mail.checks import check_security, check_settings
+
+GOOD_OAUTH2 = {
+    "CLIENT_ID": "id",
+    "CLIENT_SECRET": "secret",
+    "TOKEN_URL": "https://auth.example/token",
+    "SMTP_HOST": "smtp.example",
+}
+
+
+def ids_for(settings: Any, value: Any) -> list[str]:
+    settings.XOAUTH2_MAIL = value
+    return sorted(message.id for message in [*check_settings(), *check_security()])
+
+
+def test_a_good_configuration_has_no_messages(settings):
+    assert ids_for(settings, {"PROVIDERS": {"oauth2": GOOD_OAUTH2}}) == []
+
+
+def test_no_setting_at_all_is_fine(settings):
+    del settings.XOAUTH2_MAIL
+    assert sorted(m.id for m in check_settings()) == []
+
+
+@pytest.mark.parametrize(
+    ("value", "expected"),
+    [
+        (["not", "a", "dict"], "xoauth2_mail.E001"),
+        ({"SMTP_TIMEOUT": "30"}, "xoauth2_mail.E002"),
+        ({"TOKEN_REFRESH_SKEW": -1}, "xoauth2_mail.E002"),
+        ({"TOKEN_REFRESH_ATTEMPTS": 1.5}, "xoauth2_mail.E002"),
+        ({"HTTP_TIMEOUT": True}, "xoauth2_mail.E002"),
+        ({"DEFAULT_MAILBOX": "not-an-address"}, "xoauth2_mail.E003"),
+        ({"ALLOW_INSECURE_SMTP": "yes"}, "xoauth2_mail.E004"),
+        ({"PROVIDERS": ["google"]}, "xoauth2_mail.E005"),
+        ({"ENCRYPTION_KEYS": ["not-a-fernet-key"]}, "xoauth2_mail.E006"),
+        ({"ENCRYPTION_KEYS": 42}, "xoauth2_mail.E006"),
+        ({"PROVIDERS": {"yahoo": {"CLIENT_ID": "x"}}}, "xoauth2_mail.E008"),
+        ({"PROVIDERS": {"oauth2": "client-id"}}, "xoauth2_mail.E009"),
+        ({"PROVIDERS": {"oauth2": {**GOOD_OAUTH2, "CLIENT_ID": ""}}}, "xoauth2_mail.E010"),
+        ({"PROVIDERS": {"oauth2": {**GOOD_OAUTH2, "SMTP_SECURITY": "ssl"}}}, "xoauth2_mail.E011"),
+        ({"PROVIDERS": {"oauth2": {**GOOD_OAUTH2, "SMTP_PORT": "587"}}}, "xoauth2_mail.E012"),
+        ({"PROVIDERS": {"oauth2": {**GOOD_OAUTH2, "SMTP_PORT": 70000}}}, "xoauth2_mail.E012"),
+        (
+            {"PROVIDERS": {"oauth2": {**GOOD_OAUTH2, "SMTP_CA_FILE": "/nonexistent/ca.pem"}}},
+            "xoauth2_mail.E013",
+        ),
+        ({"PROVIDERS": {"oauth2": {**GOOD_OAUTH2, "SCOPES": "openid email"}}}, "xoauth2_mail.E014"),
+        ({"PROVIDERS": {"oauth2": {**GOOD_OAUTH2, "SMTP_SECURITY": "none"}}}, "xoauth2_mail.E015"),
+        ({"PROVIDERS": {}, "DEFAULT_MAILBOXX": "typo@example.com"}, "xoauth2_mail.W001"),
+        ({"PROVIDERS": {"oauth2": {**GOOD_OAUTH2, "CLIENTID": "x"}}}, "xoauth2_mail.W002"),
+    ],
+)
+def test_each_misconfiguration_has_its_id(settings, value, expected):
+    assert expected in ids_for(settings, value)
+
+
+def test_valid_encryption_keys_pass(settings):
+    keys = [Fernet.generate_key().decode(), Fernet.generate_key()]
+    assert ids_for(settings, {"ENCRYPTION_KEYS": keys}) == []
+
+
+def test_insecure_smtp_is_fine_for_loopback_or_when_allowed(settings):
+    local = {**GOOD_OAUTH2, "SMTP_SECURITY": "none", "SMTP_HOST": "127.0.0.1"}
+    assert ids_for(settings, {"PROVIDERS": {"oauth2": local}}) == []
+    remote = {**GOOD_OAUTH2, "SMTP_SECURITY": "none"}
+    allowed = {"PROVIDERS": {"oauth2": remote}, "ALLOW_INSECURE_SMTP": True}
+    assert ids_for(settings, allowed) == []
+
+
+def test_security_checks_are_tagged_security():
+    from django.core.checks import registry
+
+    security_checks = registry.registry.get_checks(include_deployment_checks=False)
+    tagged = {check.__name__: set(check.tags) for check in security_checks}
+    assert "security" in tagged["check_security"]
+
+
+def test_messages_say_how_to_fix(settings):
+    settings.XOAUTH2_MAIL = {"PROVIDERS": {"oauth2": {**GOOD_OAUTH2, "TOKEN_URL": ""}}}
+    (message,) = check_settings()
+    assert "TOKEN_URL" in message.msg and message.hint
