@@ -9,7 +9,10 @@ from django_xoauth2_mail.providers.base import Provider
 
 # Imported on first use, so a site using Google never imports msal.
 PROVIDER_CLASSES: dict[str, str] = {
+    "google": "django_xoauth2_mail.providers.google.GoogleProvider",
+    "microsoft": "django_xoauth2_mail.providers.microsoft.MicrosoftProvider",
     "oauth2": "django_xoauth2_mail.providers.oauth2.OAuth2Provider",
+    "dev": "django_xoauth2_mail.providers.dev.DevProvider",
 }
 
 
