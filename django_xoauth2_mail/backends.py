@@ -11,7 +11,6 @@ exception that says exactly what was and was not delivered.
 
 from __future__ import annotations
 
-import asyncio
 import datetime as dt
 import logging
 from collections.abc import Callable, Sequence
@@ -22,11 +21,11 @@ import django
 from asgiref.sync import sync_to_async
 from django.core.mail import EmailMessage
 from django.core.mail.backends.base import BaseEmailBackend
-from django.core.mail.utils import DNS_NAME
 from django.utils import timezone
 
 from django_xoauth2_mail import signals, tokens
 from django_xoauth2_mail.conf import conf
+from django_xoauth2_mail.dispatch import Dispatcher, MailboxJob, SendOptions
 from django_xoauth2_mail.exceptions import (
     ConfigurationError,
     MailboxNotFound,
@@ -34,12 +33,11 @@ from django_xoauth2_mail.exceptions import (
     SendError,
     XOAuth2MailError,
 )
-from django_xoauth2_mail.loop import event_loop_running_here, mail_loop, run_orm, sync_worker
-from django_xoauth2_mail.messages import Envelope, build_envelope, sender_candidates
+from django_xoauth2_mail.loop import event_loop_running_here, mail_loop, sync_worker
+from django_xoauth2_mail.messages import build_envelope, sender_candidates
 from django_xoauth2_mail.models import Mailbox, normalize_address
 from django_xoauth2_mail.providers import get_provider
-from django_xoauth2_mail.providers.base import SMTPEndpoint
-from django_xoauth2_mail.smtp import DeliveryResult, SMTPSession
+from django_xoauth2_mail.smtp import DeliveryResult
 
 logger = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -51,18 +49,9 @@ LAST_SENT_RESOLUTION = dt.timedelta(seconds=60)
 
 
 @dataclass
-class _MailboxJob:
-    mailbox: Mailbox
-    endpoint: SMTPEndpoint
-    items: list[tuple[int, Envelope]] = field(default_factory=list)
-
-
-@dataclass
 class _Batch:
     messages: Sequence[EmailMessage]
-    jobs: dict[int, _MailboxJob] = field(default_factory=dict)
-    results: dict[int, DeliveryResult] = field(default_factory=dict)
-    errors: dict[int, Exception] = field(default_factory=dict)  # index -> why it failed
+    jobs: dict[int, MailboxJob] = field(default_factory=dict)  # by mailbox pk
 
 
 class EmailBackend(BaseEmailBackend):
@@ -75,6 +64,9 @@ class EmailBackend(BaseEmailBackend):
         *,
         mailbox: str | None = None,
         timeout: float | None = None,
+        max_connections: int = 1,
+        keep_alive: bool | float = False,
+        rate_limit: int | None = None,
         username: str | None = None,
         password: str | None = None,
         **kwargs: Any,
@@ -88,7 +80,7 @@ class EmailBackend(BaseEmailBackend):
                 names = ", ".join(repr(name) for name in kwargs)
                 raise ConfigurationError(
                     f"django_xoauth2_mail.backends.EmailBackend got unknown options {names}; "
-                    "it accepts mailbox, timeout and fail_silently."
+                    f"it accepts {', '.join(OPTIONS)}."
                 )
             super().__init__(fail_silently=fail_silently)
         if password is not None:
@@ -101,27 +93,33 @@ class EmailBackend(BaseEmailBackend):
         self.fail_silently = fail_silently
         # send_mail(auth_user=...) reaches a backend as ``username``: it names a mailbox.
         self.mailbox = mailbox or username
-        self.timeout = float(timeout) if timeout is not None else conf.SMTP_TIMEOUT
-        self._opened = False
-        self._sessions: dict[int, SMTPSession] = {}  # only touched on the mail loop
+        self.rate_limit = rate_limit
+        self.dispatcher = Dispatcher(
+            SendOptions(
+                timeout=float(timeout) if timeout is not None else conf.SMTP_TIMEOUT,
+                max_connections=_positive_int("max_connections", max_connections),
+                keep_alive=_keep_alive_seconds(keep_alive),
+                retry_delays=conf.SMTP_RETRY_DELAYS,
+            )
+        )
+
+    @property
+    def timeout(self) -> float:
+        timeout: float = self.dispatcher.options.timeout
+        return timeout
 
     # Django's connection API ------------------------------------------------
 
     def open(self) -> bool:
         """Keep SMTP sessions open across send_messages() calls until close()."""
-        if self._opened:
+        if self.dispatcher.holding:
             return False
-        self._opened = True
+        self.dispatcher.holding = True
         return True
 
     def close(self) -> None:
-        self._opened = False
-        if self._sessions:
-            self._call_blocking(mail_loop.run, self._close_sessions())
-
-    async def _close_sessions(self) -> None:
-        sessions, self._sessions = list(self._sessions.values()), {}
-        await asyncio.gather(*(session.close() for session in sessions))
+        self.dispatcher.holding = False
+        self._call_blocking(mail_loop.run, self.dispatcher.close())
 
     def send_messages(self, email_messages: Sequence[EmailMessage]) -> int:
         messages = list(email_messages or [])
@@ -135,7 +133,7 @@ class EmailBackend(BaseEmailBackend):
         if not messages:
             return 0
         batch = await sync_to_async(self._prepare)(messages)
-        await mail_loop.arun(self._transmit(batch))
+        await mail_loop.arun(self.dispatcher.run(list(batch.jobs.values())))
         return await sync_to_async(self._finish)(batch)
 
     @staticmethod
@@ -148,7 +146,7 @@ class EmailBackend(BaseEmailBackend):
 
     def _send_blocking(self, messages: Sequence[EmailMessage]) -> int:
         batch = self._prepare(messages)
-        mail_loop.run(self._transmit(batch))
+        mail_loop.run(self.dispatcher.run(list(batch.jobs.values())))
         return self._finish(batch)
 
     # Phase 1: prepare (caller's thread) ------------------------------------
@@ -165,8 +163,9 @@ class EmailBackend(BaseEmailBackend):
             mailbox = mailboxes[index]
             job = batch.jobs.get(mailbox.pk)
             if job is None:
-                job = batch.jobs[mailbox.pk] = _MailboxJob(
-                    mailbox, get_provider(mailbox.provider).smtp_endpoint
+                provider = get_provider(mailbox.provider)
+                job = batch.jobs[mailbox.pk] = MailboxJob(
+                    mailbox, provider.smtp_endpoint, self.rate_limit or provider.rate_limit
                 )
             job.items.append((index, envelope))
         for job in batch.jobs.values():
@@ -196,14 +195,14 @@ class EmailBackend(BaseEmailBackend):
                 )
         return chosen
 
-    def _get_ready(self, batch: _Batch, job: _MailboxJob) -> None:
+    def _get_ready(self, batch: _Batch, job: MailboxJob) -> None:
         try:
             tokens.get_access_token(job.mailbox)
         except XOAuth2MailError as exc:
             if isinstance(exc, ConfigurationError):
                 raise
             for index, _ in job.items:
-                batch.errors[index] = exc
+                job.errors[index] = exc
             job.items = []
             return
         for index, _ in job.items:
@@ -211,70 +210,25 @@ class EmailBackend(BaseEmailBackend):
                 sender=type(self), message=batch.messages[index], mailbox=job.mailbox
             )
 
-    # Phase 2: transmit (mail loop) -------------------------------------------
-
-    async def _transmit(self, batch: _Batch) -> None:
-        await asyncio.gather(*(self._transmit_job(batch, job) for job in batch.jobs.values()))
-
-    async def _transmit_job(self, batch: _Batch, job: _MailboxJob) -> None:
-        if not job.items:
-            return
-        session = self._sessions.get(job.mailbox.pk)
-        if session is None or session.endpoint != job.endpoint:
-            session = self._new_session(job)
-            if self._opened:
-                self._sessions[job.mailbox.pk] = session
-        try:
-            for position, (index, envelope) in enumerate(job.items):
-                try:
-                    batch.results[index] = await session.send(envelope)
-                except SendError as exc:  # cannot connect or authenticate: the rest fail too
-                    for rest_index, _ in job.items[position:]:
-                        batch.errors[rest_index] = exc
-                    break
-        finally:
-            if not self._opened:
-                await session.close()
-
-    def _new_session(self, job: _MailboxJob) -> SMTPSession:
-        mailbox_pk = job.mailbox.pk
-        mailbox = job.mailbox
-
-        async def token_source(rejected: str | None) -> str:
-            if rejected is None and mailbox.access_token_is_fresh(conf.TOKEN_REFRESH_SKEW):
-                return mailbox.access_token  # type: ignore[return-value]
-            fresh = await run_orm(Mailbox.objects.get, pk=mailbox_pk)
-            return await run_orm(tokens.get_access_token, fresh, rejected_token=rejected)
-
-        return SMTPSession(
-            job.endpoint,
-            mailbox.email,
-            token_source,
-            timeout=self.timeout,
-            local_hostname=DNS_NAME.get_fqdn(),
-            allow_insecure=conf.ALLOW_INSECURE_SMTP,
-        )
-
     # Phase 3: finish (caller's thread) ----------------------------------------
 
     def _finish(self, batch: _Batch) -> int:
         sent = 0
+        errors: dict[int, Exception] = {}
+        results: dict[int, DeliveryResult] = {}
         for job in batch.jobs.values():
-            delivered_here = 0
-            for index, _ in job.items:
-                result = batch.results.get(index)
-                if result is None:
-                    continue
-                if result.delivered:
-                    delivered_here += 1
+            errors.update(job.errors)
+            results.update(job.results)
+            for index, result in sorted(job.results.items()):
                 if result.error or result.refused:
-                    batch.errors.setdefault(index, _result_error(index, job.mailbox, result))
+                    errors.setdefault(index, _result_error(index, job.mailbox, result))
                 self._post_send(batch.messages[index], job.mailbox, result)
-            sent += delivered_here
-            if delivered_here:
+            delivered = sum(result.delivered for result in job.results.values())
+            if delivered:
                 self._record_sent(job.mailbox)
-        if batch.errors:
-            self._raise(batch, sent)
+            sent += delivered
+        if errors:
+            self._raise(len(batch.messages), sent, errors, results)
         return sent
 
     @staticmethod
@@ -297,23 +251,29 @@ class EmailBackend(BaseEmailBackend):
         Mailbox.objects.filter(pk=mailbox.pk).update(last_sent_at=now)
         mailbox.last_sent_at = now
 
-    def _raise(self, batch: _Batch, sent: int) -> None:
+    def _raise(
+        self,
+        total: int,
+        sent: int,
+        errors: dict[int, Exception],
+        results: dict[int, DeliveryResult],
+    ) -> None:
         failures = [
             MessageFailure(
                 index=index,
                 error=str(error),
-                refused_recipients=dict(getattr(batch.results.get(index), "refused", {})),
-                undetermined=getattr(batch.results.get(index), "undetermined", False),
+                refused_recipients=dict(results[index].refused) if index in results else {},
+                undetermined=results[index].undetermined if index in results else False,
             )
-            for index, error in sorted(batch.errors.items())
+            for index, error in sorted(errors.items())
         ]
-        distinct = list({id(error): error for error in batch.errors.values()}.values())
+        distinct = list({id(error): error for error in errors.values()}.values())
         if len(distinct) == 1:
             # One cause (e.g. the mailbox must be reconnected): raise it as is.
             error = distinct[0]
         else:
             error = SendError(
-                f"{len(failures)} of {len(batch.messages)} messages were not (fully) "
+                f"{len(failures)} of {total} messages were not (fully) "
                 f"delivered ({sent} were sent): "
                 + "; ".join(f"#{f.index}: {f.error}" for f in failures[:5])
                 + (" ..." if len(failures) > 5 else "")
@@ -343,3 +303,29 @@ def _result_error(index: int, mailbox: Mailbox, result: DeliveryResult) -> SendE
         if refused:
             text += f" (refused: {refused})"
     return SendError(text, mailbox=mailbox.email)
+
+
+OPTIONS = ("mailbox", "timeout", "max_connections", "keep_alive", "rate_limit", "fail_silently")
+
+# Idle seconds a kept-alive session survives when keep_alive=True.
+DEFAULT_KEEP_ALIVE = 60.0
+
+
+def _positive_int(name: str, value: object) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ConfigurationError(
+            f"The backend option {name!r} must be a whole number of at least 1, not {value!r}."
+        )
+    return value
+
+
+def _keep_alive_seconds(value: bool | float) -> float | None:
+    if value is True:
+        return DEFAULT_KEEP_ALIVE
+    if value is False or value == 0:
+        return None
+    if isinstance(value, int | float) and value > 0:
+        return float(value)
+    raise ConfigurationError(
+        f"The backend option 'keep_alive' must be True, False or idle seconds, not {value!r}."
+    )

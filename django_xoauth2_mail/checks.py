@@ -32,6 +32,7 @@ PROVIDER_KEYS = {
     "SERVICE_ACCOUNT_FILE",
     "SERVICE_ACCOUNT_INFO",
     "APP_ONLY",
+    "RATE_LIMIT",
 }
 NUMBERS = {
     "TOKEN_REFRESH_SKEW": (int, float),

@@ -29,6 +29,9 @@ DEFAULTS: dict[str, Any] = {
     "HTTP_TIMEOUT": 10.0,
     # Tries for a token refresh that fails for a temporary reason (5xx, timeout).
     "TOKEN_REFRESH_ATTEMPTS": 3,
+    # Seconds to wait before each retry of a message the SMTP server refused
+    # for now (421, 450, 451, 452, 454); one retry per entry.
+    "SMTP_RETRY_DELAYS": (1.0, 5.0),
     # Security "none" sends tokens in clear: only to loopback unless this is True.
     "ALLOW_INSECURE_SMTP": False,
 }
@@ -81,6 +84,10 @@ class Settings:
     @property
     def TOKEN_REFRESH_ATTEMPTS(self) -> int:
         return int(self.get("TOKEN_REFRESH_ATTEMPTS"))
+
+    @property
+    def SMTP_RETRY_DELAYS(self) -> tuple[float, ...]:
+        return tuple(float(delay) for delay in self.get("SMTP_RETRY_DELAYS"))
 
     @property
     def ALLOW_INSECURE_SMTP(self) -> bool:

@@ -8,6 +8,7 @@ message whether it was delivered, refused (and to whom), or undetermined.
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import ipaddress
 import json
@@ -24,6 +25,13 @@ from aiosmtplib.typing import Default
 from django_xoauth2_mail.exceptions import SMTPAuthenticationFailed, SMTPConnectionFailed
 from django_xoauth2_mail.messages import Envelope
 from django_xoauth2_mail.providers.base import SMTPEndpoint
+from django_xoauth2_mail.ratelimit import SlidingWindowLimiter
+from django_xoauth2_mail.transaction import (
+    TRANSIENT_CODES,
+    ConnectionLostBeforeData,
+    TransactionResult,
+    transact,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -115,6 +123,8 @@ class SMTPSession:
         timeout: float,
         local_hostname: str,
         allow_insecure: bool = False,
+        retry_delays: Sequence[float] = (),
+        limiter: SlidingWindowLimiter | None = None,
     ) -> None:
         if endpoint.security == "none" and not (allow_insecure or is_loopback(endpoint.host)):
             raise SMTPConnectionFailed(
@@ -128,6 +138,10 @@ class SMTPSession:
         self.token_source = token_source
         self.timeout = timeout
         self.local_hostname = local_hostname
+        self.retry_delays = tuple(retry_delays)
+        self.limiter = limiter
+        # One transaction at a time: a kept-alive session is shared by calls.
+        self.lock = asyncio.Lock()
         self.client: XOAuth2Client | None = None
 
     @property
@@ -215,93 +229,96 @@ class SMTPSession:
             client.close()
 
     async def send(self, envelope: Envelope) -> DeliveryResult:
-        """Send one message; reconnect once if the connection was found dead
-        before the server accepted anything for it."""
-        if not self.is_open:
-            await self.open()
-        try:
-            return await self._transact(envelope)
-        except _ConnectionLostBeforeData:
-            logger.info("SMTP connection of %s was lost; reconnecting", self.username)
-            await self.close()
-            await self.open()
-            try:
-                return await self._transact(envelope)
-            except _ConnectionLostBeforeData as exc:
-                return DeliveryResult(error=f"the SMTP connection was lost: {exc}")
+        """Send one message, retrying what the server refused for now.
 
-    async def _transact(self, envelope: Envelope) -> DeliveryResult:
+        Temporary refusals (421, 450, 451, 452, 454) of the message or of some
+        recipients are retried after ``retry_delays``; a connection found dead
+        before any message data went out is reopened and the message sent again.
+        A message whose end of DATA got no reply is never sent again.
+        """
+        result = DeliveryResult()
+        pending = list(envelope.recipients)
+        delays = iter(self.retry_delays)
+        if self.limiter is not None:
+            await self.limiter.wait()
+        async with self.lock:
+            while True:
+                attempt = await self._attempt(envelope, pending)
+                result.refused.update(attempt.refused)
+                result.delivered = result.delivered or bool(attempt.delivered_to)
+                if attempt.undetermined:
+                    result.undetermined, result.error = True, attempt.error
+                    return result
+                retry = [r for r, (code, _) in attempt.refused.items() if code in TRANSIENT_CODES]
+                if attempt.transient and not attempt.delivered_to:
+                    permanent = set(attempt.refused) - set(retry)
+                    retry = [r for r in pending if r not in permanent]
+                delay = next(delays, None) if retry else None
+                if delay is None:
+                    if not result.delivered:
+                        result.error = attempt.error or "every recipient was refused"
+                    return result
+                logger.info(
+                    "Temporary SMTP refusal for %s (%s); retrying in %.1f s",
+                    self.username,
+                    attempt.error or "some recipients",
+                    delay,
+                )
+                await asyncio.sleep(delay)
+                for recipient in retry:
+                    result.refused.pop(recipient, None)
+                pending = retry
+
+    async def _attempt(self, envelope: Envelope, recipients: list[str]) -> TransactionResult:
+        for reconnect in (False, True):
+            if reconnect or not self.is_open:
+                await self.close()
+                await self.open()
+            try:
+                return await self._transact(envelope, recipients)
+            except ConnectionLostBeforeData as exc:
+                if reconnect:
+                    return TransactionResult(
+                        error=f"the SMTP connection was lost: {exc}", transient=True
+                    )
+                logger.info("SMTP connection of %s was lost; reconnecting", self.username)
+        raise AssertionError("unreachable")
+
+    async def _transact(self, envelope: Envelope, recipients: list[str]) -> TransactionResult:
         client = self.client
         assert client is not None
         options = self._mail_options(client, envelope)
-        if isinstance(options, DeliveryResult):
-            return options
-        encoding = "utf-8" if envelope.smtputf8 else "ascii"
+        if isinstance(options, str):
+            return TransactionResult(error=options)
         try:
-            await client.mail(envelope.sender, options=options, encoding=encoding)
-            refused = await self._recipients(client, envelope.recipients, encoding)
-        except aiosmtplib.SMTPServerDisconnected as exc:
-            raise _ConnectionLostBeforeData(str(exc)) from None
-        except aiosmtplib.SMTPResponseException as exc:
-            await self._reset(client)
-            return DeliveryResult(error=f"the server refused the sender: {exc.code} {exc.message}")
-        if len(refused) == len(envelope.recipients):
-            await self._reset(client)
-            return DeliveryResult(refused=refused, error="the server refused every recipient")
-        try:
-            await client.data(envelope.data)
-        except (aiosmtplib.SMTPServerDisconnected, aiosmtplib.SMTPTimeoutError) as exc:
-            # The message may have reached the server: never re-send it blindly.
-            return DeliveryResult(
-                refused=refused, undetermined=True, error=f"no reply to the end of DATA: {exc}"
+            return await transact(
+                client,
+                envelope.sender,
+                recipients,
+                envelope.data,
+                options=options,
+                encoding="utf-8" if envelope.smtputf8 else "ascii",
+                timeout=self.timeout,
             )
-        except aiosmtplib.SMTPResponseException as exc:
-            await self._reset(client)
-            return DeliveryResult(
-                refused=refused, error=f"the server refused the message: {exc.code} {exc.message}"
-            )
-        return DeliveryResult(delivered=True, refused=refused)
+        except aiosmtplib.SMTPException as exc:  # e.g. a reply that is not SMTP
+            client.close()
+            return TransactionResult(error=f"the SMTP exchange failed: {exc}")
 
-    def _mail_options(
-        self, client: XOAuth2Client, envelope: Envelope
-    ) -> list[str] | DeliveryResult:
+    def _mail_options(self, client: XOAuth2Client, envelope: Envelope) -> list[str] | str:
+        """MAIL FROM parameters, or why the message cannot go to this server."""
         options: list[str] = []
         if client.supports_extension("size"):
             limit = client.esmtp_extensions.get("size", "")
             if limit.isdigit() and int(limit) and len(envelope.data) > int(limit):
-                return DeliveryResult(
-                    error=f"the message is {len(envelope.data)} bytes and the server accepts "
+                return (
+                    f"the message is {len(envelope.data)} bytes and the server accepts "
                     f"at most {limit}"
                 )
             options.append(f"SIZE={len(envelope.data)}")
         if envelope.smtputf8:
             if not client.supports_extension("smtputf8"):
-                return DeliveryResult(
-                    error="an address has a non-ASCII local part and the server does not "
-                    "offer SMTPUTF8"
+                return (
+                    "an address has a non-ASCII local part and the server does not offer SMTPUTF8"
                 )
             options.append("SMTPUTF8")
         return options
-
-    @staticmethod
-    async def _recipients(
-        client: XOAuth2Client, recipients: Sequence[str], encoding: str
-    ) -> dict[str, tuple[int, str]]:
-        refused: dict[str, tuple[int, str]] = {}
-        for recipient in recipients:
-            try:
-                await client.rcpt(recipient, encoding=encoding)
-            except aiosmtplib.SMTPRecipientRefused as exc:
-                refused[recipient] = (exc.code, exc.message)
-        return refused
-
-    @staticmethod
-    async def _reset(client: XOAuth2Client) -> None:
-        try:
-            await client.rset()
-        except (aiosmtplib.SMTPException, OSError):
-            client.close()
-
-
-class _ConnectionLostBeforeData(Exception):
-    """The connection died before the server accepted any part of a message."""

@@ -71,6 +71,8 @@ class Provider:
     name: ClassVar[str]
     default_smtp: ClassVar[SMTPEndpoint]
     default_scopes: ClassVar[tuple[str, ...]] = ()
+    # Messages per minute per mailbox the provider tolerates (None: no limit).
+    default_rate_limit: ClassVar[int | None] = None
     # Settings keys this provider cannot work without (checked by checks.py).
     required_settings: ClassVar[tuple[str, ...]] = ("CLIENT_ID",)
 
@@ -92,6 +94,11 @@ class Provider:
             security=self.settings.get("SMTP_SECURITY", default.security),
             ca_file=self.settings.get("SMTP_CA_FILE", default.ca_file),
         )
+
+    @property
+    def rate_limit(self) -> int | None:
+        value = self.settings.get("RATE_LIMIT", self.default_rate_limit)
+        return int(value) if value else None
 
     @property
     def scopes(self) -> tuple[str, ...]:

@@ -1,0 +1,73 @@
+"""Kept-alive SMTP sessions, reused across send_messages() calls (opt-in).
+
+The pool lives on the mail loop (loop.py), so a session is never shared
+between event loops, and threads never touch it directly. An idle session
+is checked with NOOP before reuse only when it has idled long enough for a
+server to have dropped it; otherwise a dead connection is noticed by the
+next transaction, which reconnects before any message data is sent.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Callable, Hashable
+
+import aiosmtplib
+
+from django_xoauth2_mail.smtp import SMTPSession
+
+# After this many idle seconds a session is checked with NOOP before reuse.
+CHECK_AFTER_IDLE = 15.0
+
+
+class SessionPool:
+    def __init__(self) -> None:
+        self._idle: dict[Hashable, list[tuple[SMTPSession, float, asyncio.TimerHandle]]] = {}
+
+    async def acquire(self, key: Hashable, new_session: Callable[[], SMTPSession]) -> SMTPSession:
+        idle = self._idle.get(key, [])
+        while idle:
+            session, since, expiry = idle.pop()
+            expiry.cancel()
+            if await _still_usable(session, time.monotonic() - since):
+                return session
+            await session.close()
+        return new_session()
+
+    def release(self, key: Hashable, session: SMTPSession, idle_timeout: float) -> None:
+        if not session.is_open:
+            return
+        loop = asyncio.get_running_loop()
+        expiry = loop.call_later(idle_timeout, self._expire, key, session)
+        self._idle.setdefault(key, []).append((session, time.monotonic(), expiry))
+
+    def _expire(self, key: Hashable, session: SMTPSession) -> None:
+        entries = self._idle.get(key, [])
+        self._idle[key] = [entry for entry in entries if entry[0] is not session]
+        asyncio.ensure_future(session.close())
+
+    async def close_all(self) -> None:
+        entries = [entry for entries in self._idle.values() for entry in entries]
+        self._idle.clear()
+        for _, _, expiry in entries:
+            expiry.cancel()
+        await asyncio.gather(*(session.close() for session, _, _ in entries))
+
+    def idle_count(self) -> int:
+        return sum(len(entries) for entries in self._idle.values())
+
+
+async def _still_usable(session: SMTPSession, idle_for: float) -> bool:
+    if not session.is_open:
+        return False
+    if idle_for < CHECK_AFTER_IDLE or session.client is None:
+        return True
+    try:
+        await session.client.noop()
+    except (aiosmtplib.SMTPException, OSError):
+        return False
+    return True
+
+
+pool = SessionPool()

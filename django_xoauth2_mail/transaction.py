@@ -1,0 +1,214 @@
+"""One SMTP mail transaction (MAIL, RCPT..., DATA, message), pipelined when
+the server offers PIPELINING (RFC 2920).
+
+Pipelining sends MAIL, every RCPT and DATA in one write and reads their
+replies in order: a message costs two round trips instead of three plus one
+per recipient. Every reply is still checked, recipient by recipient.
+
+aiosmtplib reads one reply per command and drops data that arrives while no
+command is waiting, which loses replies that arrive together. So the
+connection's protocol object gets a subclass (`PipeliningProtocol`) that,
+while a transaction runs, keeps every byte and parses replies on demand; the
+rest of the time it behaves exactly like aiosmtplib's.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+
+import aiosmtplib
+from aiosmtplib.email import quote_address
+from aiosmtplib.protocol import LINE_ENDINGS_REGEX, PERIOD_REGEX, SMTPProtocol
+
+# Replies that mean "not now": the same transaction may succeed later.
+TRANSIENT_CODES = frozenset({421, 450, 451, 452, 454})
+
+
+class ConnectionLostBeforeData(Exception):
+    """The connection died before any message data was sent: retrying is safe."""
+
+
+@dataclass
+class TransactionResult:
+    delivered_to: list[str] = field(default_factory=list)
+    refused: dict[str, tuple[int, str]] = field(default_factory=dict)
+    error: str | None = None
+    # The message as a whole hit a temporary condition (4xx on MAIL/DATA/end).
+    transient: bool = False
+    # The end of DATA went out but no reply came: it may have been delivered.
+    undetermined: bool = False
+
+
+class PipeliningProtocol(SMTPProtocol):
+    # Class-level defaults: instances become this class after connecting
+    # (see adopt()), so __init__ never runs for them.
+    _keep_everything = False
+    _arrived: asyncio.Event | None = None
+
+    def data_received(self, data: bytes) -> None:
+        if not self._keep_everything:
+            super().data_received(data)
+            return
+        self._buffer.extend(data)
+        if self._arrived is not None:
+            self._arrived.set()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        super().connection_lost(exc)
+        if self._arrived is not None:
+            self._arrived.set()  # wake a reader so it sees the disconnect
+
+    @contextlib.contextmanager
+    def keeping_everything(self) -> Iterator[None]:
+        self._keep_everything, self._arrived = True, asyncio.Event()
+        try:
+            yield
+        finally:
+            self._keep_everything, self._arrived = False, None
+
+    async def read_reply(self, timeout: float | None) -> aiosmtplib.SMTPResponse:
+        """The next reply, from what is buffered or from what arrives next."""
+        assert self._arrived is not None, "only inside keeping_everything()"
+        while True:
+            reply = self._read_response_from_buffer()
+            if reply is not None:
+                return reply
+            if self.transport is None or self.transport.is_closing():
+                raise aiosmtplib.SMTPServerDisconnected("Connection lost")
+            self._arrived.clear()
+            try:
+                await asyncio.wait_for(self._arrived.wait(), timeout)
+            except TimeoutError:
+                raise aiosmtplib.SMTPReadTimeoutError(
+                    "Timed out waiting for server response"
+                ) from None
+
+
+def adopt(client: aiosmtplib.SMTP) -> PipeliningProtocol:
+    protocol = client.protocol
+    assert protocol is not None
+    if not isinstance(protocol, PipeliningProtocol):
+        protocol.__class__ = PipeliningProtocol
+    return protocol  # type: ignore[return-value]
+
+
+def wire_data(data: bytes) -> bytes:
+    """The message as DATA sends it: CRLF line endings, leading dots doubled.
+
+    Django already produces CRLF, so the common case copies nothing.
+    """
+    if not (data.count(b"\r") == data.count(b"\n") == data.count(b"\r\n")):
+        data = LINE_ENDINGS_REGEX.sub(b"\r\n", data)
+    if data.startswith(b".") or b"\n." in data:
+        data = PERIOD_REGEX.sub(b"..", data)
+    if not data.endswith(b"\r\n"):
+        data += b"\r\n"
+    return data
+
+
+async def transact(
+    client: aiosmtplib.SMTP,
+    sender: str,
+    recipients: Sequence[str],
+    data: bytes,
+    *,
+    options: Sequence[str],
+    encoding: str,
+    timeout: float,
+) -> TransactionResult:
+    protocol = adopt(client)
+    mail = _command(b"MAIL FROM:", sender, options, encoding)
+    rcpts = [_command(b"RCPT TO:", recipient, (), encoding) for recipient in recipients]
+    pipelined = client.supports_extension("pipelining")
+    with protocol.keeping_everything():
+        try:
+            if pipelined:
+                protocol.write(mail + b"".join(rcpts) + b"DATA\r\n")
+                replies = [await protocol.read_reply(timeout) for _ in range(len(rcpts) + 2)]
+            else:
+                replies = []
+                for command in [mail, *rcpts, b"DATA\r\n"]:
+                    protocol.write(command)
+                    replies.append(await protocol.read_reply(timeout))
+                    if command is mail and replies[0].code != 250:
+                        break
+        except (aiosmtplib.SMTPServerDisconnected, aiosmtplib.SMTPTimeoutError) as exc:
+            client.close()
+            raise ConnectionLostBeforeData(str(exc)) from None
+        return await _finish(client, protocol, recipients, replies, data, timeout)
+
+
+def _command(verb: bytes, address: str, options: Sequence[str], encoding: str) -> bytes:
+    line = verb + quote_address(address).encode(encoding)
+    for option in options:
+        line += b" " + option.encode("ascii")
+    return line + b"\r\n"
+
+
+async def _finish(
+    client: aiosmtplib.SMTP,
+    protocol: PipeliningProtocol,
+    recipients: Sequence[str],
+    replies: list[aiosmtplib.SMTPResponse],
+    data: bytes,
+    timeout: float,
+) -> TransactionResult:
+    mail_reply = replies[0]
+    result = TransactionResult()
+    if mail_reply.code != 250:
+        result.error = f"the server refused the sender: {mail_reply.code} {mail_reply.message}"
+        result.transient = mail_reply.code in TRANSIENT_CODES
+        return await _abandon(client, protocol, replies, len(recipients) + 2, result)
+    accepted = []
+    for recipient, reply in zip(recipients, replies[1:-1], strict=False):
+        if reply.code in (250, 251):
+            accepted.append(recipient)
+        else:
+            result.refused[recipient] = (reply.code, reply.message)
+    data_reply = replies[-1] if len(replies) == len(recipients) + 2 else None
+    if not accepted or data_reply is None or data_reply.code != 354:
+        if accepted and data_reply is not None:
+            result.error = f"the server refused DATA: {data_reply.code} {data_reply.message}"
+            result.transient = data_reply.code in TRANSIENT_CODES
+        else:
+            result.error = "the server refused every recipient"
+        return await _abandon(client, protocol, replies, len(recipients) + 2, result)
+    protocol.write(wire_data(data))
+    protocol.write(b".\r\n")
+    try:
+        final = await protocol.read_reply(timeout)
+    except (aiosmtplib.SMTPServerDisconnected, aiosmtplib.SMTPTimeoutError) as exc:
+        client.close()
+        result.undetermined = True
+        result.error = f"no reply after the end of the message ({exc})"
+        return result
+    if final.code != 250:
+        result.error = f"the server refused the message: {final.code} {final.message}"
+        result.transient = final.code in TRANSIENT_CODES
+        return result
+    result.delivered_to = accepted
+    return result
+
+
+async def _abandon(
+    client: aiosmtplib.SMTP,
+    protocol: PipeliningProtocol,
+    replies: list[aiosmtplib.SMTPResponse],
+    expected: int,
+    result: TransactionResult,
+) -> TransactionResult:
+    """End a transaction that will send no message, leaving the connection usable."""
+    if len(replies) == expected and replies[-1].code == 354:
+        # The server waits for message data that will never be sent; ending it
+        # with an empty message could deliver one, so drop the connection.
+        client.close()
+        return result
+    try:
+        protocol.write(b"RSET\r\n")
+        await protocol.read_reply(client.timeout)
+    except (aiosmtplib.SMTPException, OSError):
+        client.close()
+    return result
