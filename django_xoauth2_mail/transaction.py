@@ -176,9 +176,13 @@ async def _finish(
         else:
             result.error = "the server refused every recipient"
         return await _abandon(client, protocol, replies, len(recipients) + 2, result)
-    protocol.write(wire_data(data))
-    protocol.write(b".\r\n")
     try:
+        protocol.write(wire_data(data))
+    except aiosmtplib.SMTPServerDisconnected as exc:  # nothing of the message went out
+        client.close()
+        raise ConnectionLostBeforeData(str(exc)) from None
+    try:
+        protocol.write(b".\r\n")
         final = await protocol.read_reply(timeout)
     except (aiosmtplib.SMTPServerDisconnected, aiosmtplib.SMTPTimeoutError) as exc:
         client.close()

@@ -49,6 +49,9 @@ BAD_CREDENTIALS = (
 ERROR_CHALLENGE = {"status": "401", "schemes": "Bearer", "scope": "https://mail.google.com/"}
 # aiosmtpd's fixed wording for an overlong command; servers that cap AUTH lines say this.
 _AIOSMTPD_TOO_LONG = "500 Command line too long"
+# Scripted "replies" that misbehave instead of answering (see scripted_replies).
+DROP = "DROP"  # close the connection without a reply
+HANG = "HANG"  # never reply
 
 
 @dataclass(frozen=True)
@@ -205,8 +208,20 @@ class _Handler:
     ) -> list[str]:
         # With this (5-argument) hook aiosmtpd leaves recording the client name to us.
         session.host_name = hostname
+        if not self.server.pipelining:
+            return responses
         # aiosmtpd reads one line at a time from a buffer, so pipelined commands just work.
         return [*responses[:-1], "250-PIPELINING", responses[-1]]
+
+    async def handle_MAIL(
+        self, smtp: SMTP, session: Session, envelope: Envelope, address: str, options: list[str]
+    ) -> str:
+        scripted = await self.server._scripted("MAIL", smtp)
+        if scripted is not None and not _is_success(scripted):
+            return scripted
+        envelope.mail_from = address
+        envelope.mail_options.extend(options)
+        return scripted or "250 2.1.0 OK"
 
     async def handle_RCPT(
         self, smtp: SMTP, session: Session, envelope: Envelope, address: str, options: list[str]
@@ -214,11 +229,17 @@ class _Handler:
         rejection = self.server._rejection_for(address)
         if rejection is not None:
             return rejection
+        scripted = await self.server._scripted("RCPT", smtp)
+        if scripted is not None and not _is_success(scripted):
+            return scripted
         envelope.rcpt_tos.append(address)
         envelope.rcpt_options.extend(options)
         return "250 2.1.5 OK"
 
     async def handle_DATA(self, smtp: SMTP, session: Session, envelope: Envelope) -> str:
+        scripted = self.server._pop_scripted("DATA_END")
+        if scripted is not None and scripted not in (DROP, HANG) and not _is_success(scripted):
+            return scripted  # refused: not delivered
         message = ReceivedMessage(
             mail_from=envelope.mail_from or "",
             rcpt_tos=list(envelope.rcpt_tos),
@@ -228,6 +249,14 @@ class _Handler:
             received_at=datetime.datetime.now(datetime.UTC),
         )
         self.server._deliver(message)
+        if scripted in (DROP, HANG):
+            # Delivered, but the client never learns it: the undetermined window.
+            await self.server._misbehave(scripted, smtp)
+        after = self.server._pop_scripted("AFTER_MESSAGE")
+        if after == DROP:
+            # Close gracefully once this reply is written: between two messages.
+            assert smtp.transport is not None
+            asyncio.get_running_loop().call_soon(smtp.transport.close)
         return "250 2.0.0 OK"
 
 
@@ -275,6 +304,7 @@ class XOAuth2SMTPServer:
         on_message: Callable[[ReceivedMessage], object] | None = None,
         temporary_auth_failure: bool = False,
         allow_non_loopback: bool = False,
+        pipelining: bool = True,
     ) -> None:
         check_loopback_host(host, allow_non_loopback=allow_non_loopback, what="SMTP server")
         if security not in ("none", "starttls", "tls"):
@@ -294,6 +324,12 @@ class XOAuth2SMTPServer:
         # Plain attributes, read on every exchange, so a test may flip them mid-run.
         self.temporary_auth_failure = temporary_auth_failure
         self.reject_recipients: dict[str, str] = {}
+        self.pipelining = pipelining
+        # Fault injection: command -> replies to give, in order, instead of the normal one.
+        # Commands: "MAIL", "RCPT", "DATA_END" (the reply to the message itself) and
+        # "AFTER_MESSAGE" (DROP closes the connection after a message was accepted).
+        # A 2xx reply proceeds normally; DROP closes without answering; HANG never answers.
+        self.scripted_replies: dict[str, list[str]] = {}
         self._condition = threading.Condition()
         self._messages: list[ReceivedMessage] = []
         self._auth_attempts: list[AuthAttempt] = []
@@ -419,6 +455,23 @@ class XOAuth2SMTPServer:
             self._auth_attempts.append(attempt)
         return accepted
 
+    def _pop_scripted(self, command: str) -> str | None:
+        with self._condition:
+            replies = self.scripted_replies.get(command)
+            return replies.pop(0) if replies else None
+
+    async def _scripted(self, command: str, smtp: SMTP) -> str | None:
+        reply = self._pop_scripted(command)
+        if reply in (DROP, HANG):
+            await self._misbehave(reply, smtp)
+        return reply
+
+    @staticmethod
+    async def _misbehave(reply: str, smtp: SMTP) -> None:
+        if reply == HANG:
+            await asyncio.sleep(3600)  # cancelled when the server stops
+        _abort(smtp)
+
     def _rejection_for(self, address: str) -> str | None:
         rejections = {key.lower(): value for key, value in self.reject_recipients.items()}
         return rejections.get(address.lower())
@@ -447,3 +500,15 @@ def _write_eml(directory: Path, data: bytes) -> Path:
     final = Path(temporary).with_name(Path(temporary).name[1:].removesuffix(".tmp") + ".eml")
     os.replace(temporary, final)
     return final
+
+
+def _abort(smtp: SMTP) -> None:
+    transport = smtp.transport
+    if isinstance(transport, asyncio.Transport):
+        transport.abort()
+    elif transport is not None:
+        transport.close()
+
+
+def _is_success(reply: str) -> bool:
+    return reply.startswith("2")
