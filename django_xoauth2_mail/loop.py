@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import contextlib
 import os
 import threading
 from collections.abc import Callable, Coroutine
@@ -62,6 +63,15 @@ class MailLoop:
             )
         future = asyncio.run_coroutine_threadsafe(coroutine, self._ensure_running())
         return future.result()
+
+    def run_if_started(self, coroutine: Coroutine[Any, Any, T], timeout: float) -> None:
+        """Run ``coroutine`` if this process's loop runs (at exit: never start one)."""
+        loop = self._loop
+        if loop is None or self._pid != os.getpid() or not loop.is_running():
+            coroutine.close()
+            return
+        with contextlib.suppress(Exception):
+            asyncio.run_coroutine_threadsafe(coroutine, loop).result(timeout)
 
     async def arun(self, coroutine: Coroutine[Any, Any, T]) -> T:
         """Await ``coroutine`` on the mail loop without blocking the caller's loop."""

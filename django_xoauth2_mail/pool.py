@@ -10,11 +10,13 @@ next transaction, which reconnects before any message data is sent.
 from __future__ import annotations
 
 import asyncio
+import atexit
 import time
 from collections.abc import Callable, Hashable
 
 import aiosmtplib
 
+from django_xoauth2_mail.loop import mail_loop
 from django_xoauth2_mail.smtp import SMTPSession
 
 # After this many idle seconds a session is checked with NOOP before reuse.
@@ -71,3 +73,9 @@ async def _still_usable(session: SMTPSession, idle_for: float) -> bool:
 
 
 pool = SessionPool()
+
+
+@atexit.register
+def _close_pool_at_exit() -> None:
+    # Say QUIT to the servers rather than leave them a dropped connection.
+    mail_loop.run_if_started(pool.close_all(), timeout=5.0)

@@ -32,6 +32,9 @@ class SlidingWindowLimiter:
                     return
                 await asyncio.sleep(WINDOW - (now - self._starts[0]))
 
+    def __repr__(self) -> str:
+        return f"<SlidingWindowLimiter {self.per_minute}/min>"
+
 
 _limiters: dict[tuple[Hashable, int], SlidingWindowLimiter] = {}
 
