@@ -63,6 +63,18 @@ class ConsentResult:
     scopes: tuple[str, ...] = ()
 
 
+@dataclasses.dataclass(frozen=True)
+class DeviceFlow:
+    """A started device-code flow (RFC 8628): what to show the person, and the
+    provider's own state needed to finish it."""
+
+    verification_uri: str
+    user_code: str
+    expires_at: dt.datetime
+    message: str  # the provider's instructions, ready to print
+    state: Mapping[str, Any] = dataclasses.field(repr=False, default_factory=dict)
+
+
 class Provider:
     """Base class: subclasses set the class attributes and implement the refresh
     and, for providers that have a consent step, the authorization-code flow."""
@@ -123,6 +135,16 @@ class Provider:
     def exchange_code(self, *, code: str, redirect_uri: str, code_verifier: str) -> ConsentResult:
         """Trade the authorization code for tokens (and the account's address)."""
         raise NotImplementedError
+
+    # Device-code flow (RFC 8628), for providers that allow it for SMTP scopes.
+    supports_device_flow: ClassVar[bool] = False
+
+    def start_device_flow(self) -> DeviceFlow:
+        raise NotImplementedError(f"{self.name} offers no device-code flow for SMTP.")
+
+    def finish_device_flow(self, flow: DeviceFlow, *, timeout: float) -> ConsentResult:
+        """Poll until the person approved (or refused, or ``timeout`` passed)."""
+        raise NotImplementedError(f"{self.name} offers no device-code flow for SMTP.")
 
     def revoke_token(self, token: str) -> bool:
         """Revoke a refresh token at the provider; False where it offers no revocation."""
