@@ -294,5 +294,6 @@ def test_alternatives_and_attachments_arrive_intact(mailbox, xoauth2_smtp_server
 
     parsed = email.message_from_bytes(xoauth2_smtp_server.messages[0].data)
     parts = {part.get_content_type(): part for part in parsed.walk()}
-    assert parts["text/html"].get_payload(decode=True).rstrip() == b"<p>Rich</p>"
+    html = parts["text/html"].get_payload(decode=True)
+    assert isinstance(html, bytes) and html.rstrip() == b"<p>Rich</p>"
     assert parts["application/octet-stream"].get_payload(decode=True) == bytes(range(256))

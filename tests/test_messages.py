@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import random
 import warnings
+from typing import Any
 
 import django
 import pytest
@@ -50,7 +51,7 @@ def django_wire_bytes(message: EmailMessage) -> tuple[str, list[str], bytes]:
         # Django 6.1 deprecates building its backend directly; fine in a test.
         warnings.simplefilter("ignore")
         # On Django 6.1 an alias makes it read its OPTIONS, not EMAIL_* settings.
-        alias = {"alias": "compare"} if django.VERSION >= (6, 1) else {}
+        alias: dict[str, Any] = {"alias": "compare"} if django.VERSION >= (6, 1) else {}
         backend = DjangoSMTPBackend(
             host="127.0.0.1", port=sink.port, username="", password="", **alias
         )

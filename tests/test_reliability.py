@@ -35,7 +35,7 @@ def subjects(server) -> list[str]:
 
 @pytest.fixture
 def signals_seen():
-    seen: list[dict] = []
+    seen: list[dict[str, object]] = []
 
     def receiver(sender, **kwargs):
         seen.append(kwargs)
