@@ -32,6 +32,7 @@ PROVIDER_KEYS = {
     "SERVICE_ACCOUNT_FILE",
     "SERVICE_ACCOUNT_INFO",
     "APP_ONLY",
+    "HTTP_CA_FILE",
     "RATE_LIMIT",
 }
 NUMBERS = {
@@ -86,6 +87,17 @@ def check_settings(**kwargs: Any) -> list[CheckMessage]:
                 "XOAUTH2_MAIL['DEFAULT_MAILBOX'] must be an email address, "
                 f"not {default_mailbox!r}.",
                 "Use the address of a connected Mailbox, or remove the key.",
+            )
+        )
+    delays = value.get("SMTP_RETRY_DELAYS", DEFAULTS["SMTP_RETRY_DELAYS"])
+    if not isinstance(delays, list | tuple) or not all(
+        isinstance(d, int | float) and not isinstance(d, bool) and d >= 0 for d in delays
+    ):
+        messages.append(
+            _error(
+                16,
+                f"XOAUTH2_MAIL['SMTP_RETRY_DELAYS'] must be a list of seconds, not {delays!r}.",
+                "e.g. [1, 5]: retry a temporarily refused message after 1 s, then after 5 s.",
             )
         )
     if not isinstance(value.get("ALLOW_INSECURE_SMTP", False), bool):

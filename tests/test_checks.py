@@ -41,6 +41,8 @@ def test_no_setting_at_all_is_fine(settings):
         ({"HTTP_TIMEOUT": True}, "xoauth2_mail.E002"),
         ({"DEFAULT_MAILBOX": "not-an-address"}, "xoauth2_mail.E003"),
         ({"ALLOW_INSECURE_SMTP": "yes"}, "xoauth2_mail.E004"),
+        ({"SMTP_RETRY_DELAYS": 5}, "xoauth2_mail.E016"),
+        ({"SMTP_RETRY_DELAYS": [1, -2]}, "xoauth2_mail.E016"),
         ({"PROVIDERS": ["google"]}, "xoauth2_mail.E005"),
         ({"ENCRYPTION_KEYS": ["not-a-fernet-key"]}, "xoauth2_mail.E006"),
         ({"ENCRYPTION_KEYS": 42}, "xoauth2_mail.E006"),
