@@ -10,6 +10,7 @@ from dataclasses import dataclass
 
 from django.db import transaction
 from django.utils import timezone
+from django.views.decorators.debug import sensitive_variables
 
 from django_xoauth2_mail.exceptions import XOAuth2MailError
 from django_xoauth2_mail.models import Mailbox, MailboxStatus, normalize_address
@@ -44,6 +45,7 @@ def check_state(expected: str | None, received: str | None) -> None:
         )
 
 
+@sensitive_variables()
 def resolve_email(result: ConsentResult, requested: str | None) -> str:
     """The mailbox address: the provider's, checked against the one asked for."""
     told = normalize_address(result.email) if result.email else None
@@ -62,6 +64,7 @@ def resolve_email(result: ConsentResult, requested: str | None) -> str:
     return email
 
 
+@sensitive_variables()
 def save_consent(provider_id: str, result: ConsentResult, requested_email: str | None) -> Mailbox:
     """Create or re-authorise the Mailbox, clearing any reconnect-required flag."""
     email = resolve_email(result, requested_email)

@@ -18,6 +18,7 @@ from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 from django.conf import settings
 from django.db import models
+from django.views.decorators.debug import sensitive_variables
 
 from django_xoauth2_mail.conf import conf
 from django_xoauth2_mail.exceptions import EncryptionKeyError
@@ -63,10 +64,12 @@ def fernet() -> MultiFernet:
     return _fernet_for(configured_keys())
 
 
+@sensitive_variables()
 def encrypt(value: str) -> str:
     return fernet().encrypt(value.encode()).decode("ascii")
 
 
+@sensitive_variables()
 def decrypt(value: str) -> str:
     try:
         return fernet().decrypt(value.encode("ascii")).decode()
@@ -79,6 +82,7 @@ def decrypt(value: str) -> str:
         ) from None
 
 
+@sensitive_variables()
 def rotate(value: str) -> str:
     """Re-encrypt ciphertext under the newest key."""
     return fernet().rotate(value.encode("ascii")).decode("ascii")
@@ -97,18 +101,22 @@ class EncryptedTextField(_TextField):
     ever see ciphertext.
     """
 
+    @sensitive_variables()
     def from_db_value(self, value: str | None, expression: Any, connection: Any) -> str | None:
         return None if value is None else decrypt(value)
 
+    @sensitive_variables()
     def to_python(self, value: Any) -> str | None:
         if isinstance(value, str) and value.startswith(SERIALIZED_PREFIX):
             return decrypt(value.removeprefix(SERIALIZED_PREFIX))
         return None if value is None else str(value)
 
+    @sensitive_variables()
     def get_prep_value(self, value: Any) -> str | None:
         value = super().get_prep_value(value)
         return None if value is None else encrypt(str(value))
 
+    @sensitive_variables()
     def value_to_string(self, obj: models.Model) -> str:
         value = self.value_from_object(obj)
         return "" if value is None else SERIALIZED_PREFIX + encrypt(value)

@@ -10,6 +10,7 @@ from collections.abc import Hashable
 from dataclasses import dataclass, field
 
 from django.core.mail.utils import DNS_NAME
+from django.views.decorators.debug import sensitive_variables
 
 from django_xoauth2_mail import tokens
 from django_xoauth2_mail.conf import conf
@@ -120,6 +121,7 @@ class Dispatcher:
         mailbox_pk, email = job.mailbox.pk, job.mailbox.email
         state = {"mailbox": job.mailbox}
 
+        @sensitive_variables()
         async def token_source(rejected: str | None) -> str:
             mailbox = state["mailbox"]
             if rejected is None and mailbox.access_token_is_fresh(conf.TOKEN_REFRESH_SKEW):

@@ -21,6 +21,7 @@ from typing import Any, Literal
 import aiosmtplib
 from aiosmtplib.auth import auth_xoauth2_encode
 from aiosmtplib.typing import Default
+from django.views.decorators.debug import sensitive_variables
 
 from django_xoauth2_mail.exceptions import SMTPAuthenticationFailed, SMTPConnectionFailed
 from django_xoauth2_mail.messages import Envelope
@@ -56,6 +57,7 @@ class XOAuth2Client(aiosmtplib.SMTP):
     error detail (aiosmtplib drops the 334 JSON) and sends long tokens after
     a 334 instead of on an over-long AUTH line."""
 
+    @sensitive_variables()
     async def auth_xoauth2(
         self,
         username: str | bytes,
@@ -165,12 +167,14 @@ class SMTPSession:
             oauth_token_generator=token_generator,
         )
 
+    @sensitive_variables()
     async def open(self) -> None:
         """Connect and authenticate; a refused token is refreshed and retried once."""
         rejected: str | None = None
         for attempt in (1, 2):
             tried: list[str] = []
 
+            @sensitive_variables()
             async def generate_token(
                 rejected: str | None = rejected, tried: list[str] = tried
             ) -> str:

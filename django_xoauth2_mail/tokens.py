@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from django.db import connections, router, transaction
 from django.db.models import F
 from django.utils import timezone
+from django.views.decorators.debug import sensitive_variables
 
 from django_xoauth2_mail import signals
 from django_xoauth2_mail.conf import conf
@@ -53,6 +54,7 @@ def ensure_sendable(mailbox: Mailbox) -> None:
         raise MailboxDisconnected(mailbox.email)
 
 
+@sensitive_variables()
 def get_access_token(mailbox: Mailbox, *, rejected_token: str | None = None) -> str:
     """A valid access token for ``mailbox``, refreshing it when needed.
 
@@ -83,6 +85,7 @@ class _Outcome:
     revoked_detail: str | None = None
     error: TokenRefreshError | None = None
 
+    @sensitive_variables()
     def finish(self, mailbox: Mailbox) -> str:
         if self.revoked_detail is not None:
             signals.mailbox_reconnect_required.send(
@@ -102,6 +105,7 @@ class _Outcome:
         return mailbox.access_token  # type: ignore[return-value]
 
 
+@sensitive_variables()
 def _refresh_under_row_lock(mailbox: Mailbox, rejected_token: str | None) -> _Outcome:
     using = router.db_for_write(Mailbox, instance=mailbox)
     with transaction.atomic(using=using):
@@ -135,6 +139,7 @@ def _refresh_under_row_lock(mailbox: Mailbox, rejected_token: str | None) -> _Ou
         return _Outcome(refreshed=True, rotated=result.refresh_token is not None)
 
 
+@sensitive_variables()
 def _call_provider(mailbox: Mailbox) -> TokenResult:
     provider = get_provider(mailbox.provider)
     attempts = max(1, conf.TOKEN_REFRESH_ATTEMPTS)
@@ -152,6 +157,7 @@ def _call_provider(mailbox: Mailbox) -> TokenResult:
     raise AssertionError("unreachable")
 
 
+@sensitive_variables()
 def _save_token(mailbox: Mailbox, result: TokenResult) -> None:
     now = timezone.now()
     mailbox.access_token = result.access_token

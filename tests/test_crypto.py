@@ -113,3 +113,28 @@ def test_repr_and_str_show_no_token():
     mailbox = make()
     for text in (repr(mailbox), str(mailbox)):
         assert "marker" not in text
+
+
+def test_reencrypt_command_moves_every_mailbox_to_the_newest_key(settings):
+    old_key, new_key = Fernet.generate_key().decode(), Fernet.generate_key().decode()
+    settings.XOAUTH2_MAIL = {"ENCRYPTION_KEYS": [old_key]}
+    first = make()
+    second = Mailbox.objects.create(email="two@example.com", provider="oauth2", refresh_token="rt2")
+
+    settings.XOAUTH2_MAIL = {"ENCRYPTION_KEYS": [new_key, old_key]}
+    out = io.StringIO()
+    call_command("reencrypt_mailboxes", stdout=out)
+    assert "2 mailbox(es)" in out.getvalue()
+
+    settings.XOAUTH2_MAIL = {"ENCRYPTION_KEYS": [new_key]}  # the old key is gone
+    assert reload(first).refresh_token == REFRESH
+    assert reload(second).refresh_token == "rt2"
+
+
+def test_reencrypt_command_reports_mailboxes_no_key_can_read(settings):
+    from django.core.management.base import CommandError
+
+    make()
+    settings.SECRET_KEY = "a-key-that-never-encrypted-anything"
+    with pytest.raises(CommandError, match="could not be decrypted"):
+        call_command("reencrypt_mailboxes", stdout=io.StringIO())

@@ -16,6 +16,7 @@ from typing import Any, ClassVar, Literal
 
 import requests
 from django.utils import timezone
+from django.views.decorators.debug import sensitive_variables
 
 from django_xoauth2_mail.conf import conf
 
@@ -162,6 +163,7 @@ def expiry_from(expires_in: Any) -> dt.datetime:
     return timezone.now() + dt.timedelta(seconds=seconds)
 
 
+@sensitive_variables()
 def post_token_request(url: str, data: Mapping[str, str]) -> dict[str, Any]:
     """POST a form to a token endpoint and return its JSON answer.
 
@@ -183,6 +185,7 @@ def post_token_request(url: str, data: Mapping[str, str]) -> dict[str, Any]:
     return parse_token_response(url, response.status_code, response.text)
 
 
+@sensitive_variables()
 def parse_token_response(url: str, status: int, body: str) -> dict[str, Any]:
     try:
         payload = json.loads(body)

@@ -8,6 +8,7 @@ from typing import Any, ClassVar
 from urllib.parse import urlencode
 
 import requests
+from django.views.decorators.debug import sensitive_variables
 
 from django_xoauth2_mail.conf import conf
 from django_xoauth2_mail.providers.base import (
@@ -30,12 +31,14 @@ class OAuth2Provider(Provider):
     def _setting(self, key: str) -> str:
         return str(self.settings.get(key) or "")
 
+    @sensitive_variables()
     def _client_auth(self) -> dict[str, str]:
         data = {"client_id": self._setting("CLIENT_ID")}
         if self.settings.get("CLIENT_SECRET"):
             data["client_secret"] = self._setting("CLIENT_SECRET")
         return data
 
+    @sensitive_variables()
     def refresh_access_token(self, email: str, refresh_token: str | None) -> TokenResult:
         data = {"grant_type": "refresh_token", "refresh_token": refresh_token or ""}
         if self.scopes:
@@ -64,6 +67,7 @@ class OAuth2Provider(Provider):
             params["login_hint"] = login_hint
         return f"{self._setting('AUTHORIZATION_URL')}?{urlencode(params)}"
 
+    @sensitive_variables()
     def exchange_code(self, *, code: str, redirect_uri: str, code_verifier: str) -> ConsentResult:
         data = {
             "grant_type": "authorization_code",
@@ -80,6 +84,7 @@ class OAuth2Provider(Provider):
             scopes=tuple(str(payload.get("scope", "")).split()),
         )
 
+    @sensitive_variables()
     def _email_of(self, payload: dict[str, Any]) -> str | None:
         """The account's address: the ID token's claim, else the userinfo endpoint."""
         claims = id_token_claims(payload.get("id_token"))
@@ -99,6 +104,7 @@ class OAuth2Provider(Provider):
             return None
         return email if isinstance(email, str) else None
 
+    @sensitive_variables()
     def revoke_token(self, token: str) -> bool:
         url = self._setting("REVOCATION_URL")
         if not url:
