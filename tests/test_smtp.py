@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import socket
+import threading
+import time
+
 import pytest
 from django.core import mail
 
@@ -84,8 +88,6 @@ def test_refusal_reports_the_decoded_challenge_and_a_hint(settings, mailbox, oau
 
 
 def test_unreachable_server_is_a_connection_error(settings, mailbox):
-    import socket
-
     with socket.socket() as probe:  # a port with nothing listening
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
@@ -106,3 +108,51 @@ def test_refused_recipients_are_reported_and_the_rest_delivered(mailbox, xoauth2
     (failure,) = caught.value.failures
     assert failure.refused_recipients == {"gone@example.org": (550, "5.1.1 No such user")}
     assert "gone@example.org" in str(caught.value)
+
+
+@pytest.fixture
+def silent_server():
+    """A TCP server that accepts connections and never says a word."""
+    listener = socket.create_server(("127.0.0.1", 0))
+    accepted: list[socket.socket] = []
+    listener.settimeout(0.2)
+    stop = threading.Event()
+
+    def accept() -> None:
+        while not stop.is_set():
+            try:
+                accepted.append(listener.accept()[0])
+            except OSError:
+                continue
+
+    thread = threading.Thread(target=accept, daemon=True)
+    thread.start()
+    yield listener.getsockname()[1]
+    stop.set()
+    thread.join(timeout=2)
+    for sock in accepted:
+        sock.close()
+    listener.close()
+
+
+@pytest.mark.parametrize("security", ["none", "tls", "starttls"])
+def test_a_silent_server_times_out_clearly(security, settings, mailbox, silent_server):
+    settings.XOAUTH2_MAIL["SMTP_TIMEOUT"] = 0.5
+    settings.XOAUTH2_MAIL["PROVIDERS"]["oauth2"].update(
+        {"SMTP_PORT": silent_server, "SMTP_SECURITY": security}
+    )
+    started = time.monotonic()
+    with pytest.raises(SMTPConnectionFailed, match=f"127.0.0.1:{silent_server}"):
+        mail.send_mail("Hi", "Body", SENDER, ["to@example.org"])
+    assert time.monotonic() - started < 5  # the TLS handshake / greeting wait is bounded
+
+
+def test_a_host_that_does_not_resolve_is_a_connection_error(settings, mailbox):
+    settings.XOAUTH2_MAIL["SMTP_TIMEOUT"] = 1
+    settings.XOAUTH2_MAIL["PROVIDERS"]["oauth2"].update(
+        {"SMTP_HOST": "smtp.does-not-exist.invalid", "SMTP_SECURITY": "tls"}
+    )
+    started = time.monotonic()
+    with pytest.raises(SMTPConnectionFailed, match="smtp.does-not-exist.invalid"):
+        mail.send_mail("Hi", "Body", SENDER, ["to@example.org"])
+    assert time.monotonic() - started < 10
