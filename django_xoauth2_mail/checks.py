@@ -34,6 +34,7 @@ PROVIDER_KEYS = {
     "APP_ONLY",
     "HTTP_CA_FILE",
     "RATE_LIMIT",
+    "BASE_URL",
 }
 NUMBERS = {
     "TOKEN_REFRESH_SKEW": (int, float),

@@ -71,6 +71,11 @@ class Mailbox(models.Model):
         """True while the cached token is more than ``skew`` seconds from expiry."""
         if not self.access_token or self.access_token_expires_at is None:
             return False
+        if self.last_refreshed_at is not None:
+            # A token that lives less than twice the skew would be stale from
+            # birth and refreshed on every send: use half its lifetime instead.
+            lifetime = (self.access_token_expires_at - self.last_refreshed_at).total_seconds()
+            skew = min(skew, lifetime / 2)
         now = now or timezone.now()
         return self.access_token_expires_at - dt.timedelta(seconds=skew) > now
 

@@ -57,7 +57,9 @@ def test_expired_token_is_refreshed_once_before_sending(
 ):
     mail.send_mail("One", "Body", SENDER, ["to@example.org"])
     Mailbox.objects.filter(pk=mailbox.pk).update(
-        access_token_expires_at=timezone.now() + dt.timedelta(seconds=30)  # inside the skew
+        # An hour-long token with 30 s left: inside the 300 s skew.
+        last_refreshed_at=timezone.now() - dt.timedelta(seconds=3570),
+        access_token_expires_at=timezone.now() + dt.timedelta(seconds=30),
     )
 
     mail.send_mail("Two", "Body", SENDER, ["to@example.org"])
