@@ -177,6 +177,8 @@ def _check_provider(provider_id: Any, provider_settings: Any) -> list[CheckMessa
                     f"Set {key}; see the {provider_class.name} page of the documentation.",
                 )
             )
+    for problem, hint in provider_class.settings_problems(provider_settings):
+        messages.append(_error(17, f"{label}: {problem}", hint))
     messages += _check_smtp(label, provider_settings)
     scopes = provider_settings.get("SCOPES")
     if scopes is not None and (

@@ -48,7 +48,7 @@ class MailboxReconnectRequired(XOAuth2MailError):
     """The provider refused the stored grant for good: a person must consent again."""
 
     def __init__(self, mailbox: str, detail: str = "") -> None:
-        reason = f" The provider said: {detail}." if detail else ""
+        reason = f" The provider said: {detail.rstrip('.')}." if detail else ""
         super().__init__(
             f"The mailbox {mailbox} must be reconnected: its OAuth2 consent was revoked "
             f"or has expired.{reason} Fix it with `python manage.py connect_mailbox "

@@ -91,3 +91,37 @@ def test_messages_say_how_to_fix(settings):
     settings.XOAUTH2_MAIL = {"PROVIDERS": {"oauth2": {**GOOD_OAUTH2, "TOKEN_URL": ""}}}
     (message,) = check_settings()
     assert "TOKEN_URL" in message.msg and message.hint
+
+
+@pytest.mark.parametrize(
+    ("provider", "values"),
+    [
+        ("google", {}),
+        ("google", {"CLIENT_ID": "id"}),
+        ("google", {"SERVICE_ACCOUNT_FILE": "/nonexistent/key.json"}),
+        ("google", {"SERVICE_ACCOUNT_INFO": "not json"}),
+        ("microsoft", {"CLIENT_ID": "id", "APP_ONLY": True, "CLIENT_SECRET": "s"}),
+        ("microsoft", {"CLIENT_ID": "id", "APP_ONLY": True, "TENANT": "contoso.com"}),
+        ("microsoft", {"CLIENT_ID": "id", "HTTP_CA_FILE": "/nonexistent/ca.pem"}),
+    ],
+)
+def test_provider_specific_problems_are_e017(settings, provider, values):
+    assert "xoauth2_mail.E017" in ids_for(settings, {"PROVIDERS": {provider: values}})
+
+
+@pytest.mark.parametrize(
+    ("provider", "values"),
+    [
+        ("google", {"CLIENT_ID": "id", "CLIENT_SECRET": "secret"}),
+        ("google", {"SERVICE_ACCOUNT_INFO": {"type": "service_account"}}),
+        ("google", {"SERVICE_ACCOUNT_INFO": '{"type": "service_account"}'}),
+        ("microsoft", {"CLIENT_ID": "id"}),
+        (
+            "microsoft",
+            {"CLIENT_ID": "id", "APP_ONLY": True, "CLIENT_SECRET": "s", "TENANT": "contoso.com"},
+        ),
+        ("dev", {}),
+    ],
+)
+def test_good_provider_settings_pass(settings, provider, values):
+    assert ids_for(settings, {"PROVIDERS": {provider: values}}) == []

@@ -89,6 +89,12 @@ class Provider:
     # Settings keys this provider cannot work without (checked by checks.py).
     required_settings: ClassVar[tuple[str, ...]] = ("CLIENT_ID",)
 
+    @classmethod
+    def settings_problems(cls, settings: Mapping[str, Any]) -> list[tuple[str, str]]:
+        """Provider-specific mistakes in ``settings``, as (message, hint) pairs,
+        beyond the missing ``required_settings`` (reported by checks.py)."""
+        return []
+
     def __init__(self, settings: Mapping[str, Any] | None = None) -> None:
         self.settings: Mapping[str, Any] = (
             settings if settings is not None else conf.provider_settings(self.id)
