@@ -35,6 +35,7 @@ PROVIDER_KEYS = {
     "HTTP_CA_FILE",
     "RATE_LIMIT",
     "BASE_URL",
+    "DEVICE_AUTHORIZATION_URL",
 }
 NUMBERS = {
     "TOKEN_REFRESH_SKEW": (int, float),

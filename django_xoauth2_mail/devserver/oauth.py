@@ -1,9 +1,10 @@
 """A small but real OAuth2 authorization server for local development and tests.
 
-It speaks the parts of RFC 6749 / 7636 (PKCE) / 7009 (revocation) that the package's providers
-use, over HTTP or HTTPS on loopback, from a ``ThreadingHTTPServer`` in a daemon thread. Tests
-drive it like a provider (consent page, code exchange, refresh, revocation) and steer it
-(issue or expire tokens, inject outages) through Python methods.
+It speaks the parts of RFC 6749 / 7636 (PKCE) / 7009 (revocation) / 8628 (device flow, see
+device.py) that the package's providers use, over HTTP or HTTPS on loopback, from a
+``ThreadingHTTPServer`` in a daemon thread. Tests drive it like a provider (consent page,
+code exchange, device flow, refresh, revocation) and steer it (issue or expire tokens,
+approve device codes, inject outages) through Python methods.
 """
 
 from __future__ import annotations
@@ -33,6 +34,8 @@ from types import TracebackType
 from typing import Any
 from urllib.parse import parse_qs, unquote_plus, urlencode, urlsplit
 
+from .device import GRANT_TYPE as DEVICE_CODE_GRANT
+from .device import DeviceAuthorizations, DeviceGrantError
 from .tls import check_loopback_host, is_loopback_host, server_ssl_context
 
 __all__ = ["OAuth2Server"]
@@ -54,10 +57,12 @@ _CONSENT_FIELDS = (
     "response_type", "client_id", "redirect_uri", "scope", "state", "nonce",
     "code_challenge", "code_challenge_method",
 )  # fmt: skip
+_GRANT_TYPES = ("authorization_code", "refresh_token", "client_credentials", DEVICE_CODE_GRANT)
 _ROUTES = {
     "/authorize": "authorize",
     "/token": "token",
     "/devicecode": "devicecode",
+    "/device": "device",  # the verification page, where a person enters the user code
     "/revoke": "revoke",
     "/userinfo": "userinfo",
     "/.well-known/openid-configuration": "discovery",
@@ -204,6 +209,9 @@ class OAuth2Server:
         # Microsoft's tokens exceed 2 KB; a long token exercises the AUTH line-length path.
         self.access_token_length = access_token_length
         self.token_response_delay = 0.0  # seconds slept before each /token answer
+        # The device flow's polling interval and device code lifetime, in seconds.
+        self.device_code_interval, self.device_code_lifetime = 5, 600
+        self._device_codes = DeviceAuthorizations()
         self.state_file = Path(state_file) if state_file is not None else None
         self._ssl_context = server_ssl_context(certfile, keyfile) if certfile and keyfile else None
         self._lock = threading.RLock()
@@ -277,6 +285,14 @@ class OAuth2Server:
     def userinfo_url(self) -> str:
         return f"{self.base_url}/userinfo"
 
+    @property
+    def device_authorization_url(self) -> str:
+        return f"{self.base_url}/devicecode"
+
+    @property
+    def device_verification_url(self) -> str:
+        return f"{self.base_url}/device"
+
     def authority_url(self, tenant: str = "common") -> str:
         """An msal-style authority whose discovery document names this server's endpoints."""
         return f"{self.base_url}/{tenant}"
@@ -296,6 +312,14 @@ class OAuth2Server:
     ) -> dict[str, Any]:
         """Issue a refresh and access token for ``email`` without the consent round trip."""
         return self._issue(client_id, email, scope, secrets.token_hex(8), with_refresh=True)
+
+    def approve_device_code(self, user_code: str, email: str) -> bool:
+        """Allow a device code as ``email``, as a person on the verification page would."""
+        return self._device_codes.decide(user_code, "allow", email)
+
+    def deny_device_code(self, user_code: str) -> bool:
+        """Deny a device code; False (for both) when it is unknown, expired or decided."""
+        return self._device_codes.decide(user_code, "deny")
 
     def revoke(self, token: str) -> bool:
         """Revoke a refresh token with every access token of its grant, or one access token."""
@@ -358,6 +382,7 @@ class OAuth2Server:
             "authorize": self._authorize_endpoint,
             "token": self._token_endpoint,
             "devicecode": self._device_authorization_endpoint,
+            "device": self._device_verification_page,
             "revoke": self._revocation_endpoint,
             "userinfo": self._userinfo_endpoint,
             "discovery": lambda request: _json(200, self._discovery_document(request.tenant)),
@@ -384,7 +409,7 @@ class OAuth2Server:
             "authorization_code": self._authorization_code_grant,
             "refresh_token": self._refresh_token_grant,
             "client_credentials": self._client_credentials_grant,
-            # "urn:ietf:params:oauth:grant-type:device_code" goes here with the device flow.
+            DEVICE_CODE_GRANT: self._device_code_grant,
         }
         if not grant_type:
             raise OAuth2Error("invalid_request", "The grant_type parameter is missing.")
@@ -475,9 +500,32 @@ class OAuth2Server:
         return self._issue(client_id, None, request.params.get("scope", ""), None, False)
 
     def _device_authorization_endpoint(self, request: _Request) -> _Response:
-        # RFC 8628 goes here: answer device_code/user_code/verification_uri, let the consent
-        # page accept a user_code, and add the device_code grant to _token_endpoint.
-        raise OAuth2Error("invalid_request", "This development server has no device flow yet.")
+        if request.method != "POST":
+            raise OAuth2Error("invalid_request", "The device authorization endpoint accepts POST.")
+        if not (request.params.get("client_id") or "authorization" in request.headers):
+            raise OAuth2Error("invalid_request", "The client_id parameter is missing.")
+        client_id = self._authenticate_client(request)
+        body = self._device_codes.start(
+            client_id, request.params.get("scope", ""), self.device_verification_url,
+            interval=self.device_code_interval, lifetime=self.device_code_lifetime,
+        )  # fmt: skip
+        return _json(200, body, **{"Cache-Control": "no-store"})
+
+    def _device_code_grant(self, client_id: str, request: _Request) -> dict[str, Any]:
+        try:
+            grant = self._device_codes.redeem(request.params.get("device_code", ""), client_id)
+        except DeviceGrantError as error:
+            raise OAuth2Error(error.error, error.description) from None
+        body = self._issue(client_id, grant.email, grant.scope, secrets.token_hex(8), True)
+        if {"openid", "email"} & set(grant.scope.split()):
+            body["id_token"] = self._id_token(grant.email, client_id, request.tenant, None)
+        return body
+
+    def _device_verification_page(self, request: _Request) -> _Response:
+        status, title, body = self._device_codes.page(
+            request.method, request.params, request.path, auto_approve=self.auto_approve
+        )
+        return _page(status, title, body)
 
     def _revocation_endpoint(self, request: _Request) -> _Response:
         # RFC 7009 section 2.2: 200 whether or not the token was known.
@@ -505,7 +553,7 @@ class OAuth2Server:
             "revocation_endpoint": self.revocation_url,
             "userinfo_endpoint": self.userinfo_url,
             "response_types_supported": ["code"],
-            "grant_types_supported": ["authorization_code", "refresh_token", "client_credentials"],
+            "grant_types_supported": list(_GRANT_TYPES),
             "code_challenge_methods_supported": ["S256"],
             "token_endpoint_auth_methods_supported": ["client_secret_post", "client_secret_basic"],
             "scopes_supported": sorted(_RESERVED_SCOPES),

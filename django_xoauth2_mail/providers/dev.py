@@ -31,6 +31,7 @@ ENDPOINT_PATHS = {
     "TOKEN_URL": "/token",
     "USERINFO_URL": "/userinfo",
     "REVOCATION_URL": "/revoke",
+    "DEVICE_AUTHORIZATION_URL": "/devicecode",
 }
 
 

@@ -10,9 +10,11 @@ from urllib.parse import urlencode
 import requests
 from django.views.decorators.debug import sensitive_variables
 
+from django_xoauth2_mail import device_flow
 from django_xoauth2_mail.conf import conf
 from django_xoauth2_mail.providers.base import (
     ConsentResult,
+    DeviceFlow,
     Provider,
     SMTPEndpoint,
     TokenResult,
@@ -103,6 +105,19 @@ class OAuth2Provider(Provider):
         except (requests.RequestException, ValueError):
             return None
         return email if isinstance(email, str) else None
+
+    # RFC 8628, when the server names its device authorization endpoint.
+    supports_device_flow = True
+
+    def start_device_flow(self) -> DeviceFlow:
+        url = self._setting("DEVICE_AUTHORIZATION_URL")
+        return device_flow.start(url, self.scopes, self._client_auth())
+
+    @sensitive_variables()
+    def finish_device_flow(self, flow: DeviceFlow, *, timeout: float) -> ConsentResult:
+        token_url, auth = self._setting("TOKEN_URL"), self._client_auth()
+        payload = device_flow.poll(token_url, flow, auth, timeout=timeout)
+        return device_flow.consent_result(payload, self._email_of(payload))
 
     @sensitive_variables()
     def revoke_token(self, token: str) -> bool:

@@ -1,0 +1,342 @@
+"""What the management commands share: the two consent flows (a loopback redirect that
+also accepts a pasted answer, and the device flow), the SMTP login check, and output
+formatting.
+
+Errors are raised as :class:`~django_xoauth2_mail.exceptions.XOAuth2MailError` with a
+message that says what happened and what to do; :func:`command_errors` turns them into
+``CommandError``. The person sees no token, ever: only addresses, URLs, codes and times.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import os
+import sys
+import webbrowser
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import TextIO
+from urllib.parse import urlsplit
+
+from django.core.mail.utils import DNS_NAME
+from django.core.management.base import CommandError
+from django.utils import timezone
+from django.views.decorators.debug import sensitive_variables
+
+from django_xoauth2_mail import tokens
+from django_xoauth2_mail.conf import conf
+from django_xoauth2_mail.consent import ConsentError, check_state, make_pkce_pair, make_state
+from django_xoauth2_mail.device_flow import DeviceFlowDenied, DeviceFlowExpired
+from django_xoauth2_mail.exceptions import MailboxNotFound, XOAuth2MailError
+from django_xoauth2_mail.loop import mail_loop, run_orm
+from django_xoauth2_mail.loopback import Answer, AnswerInbox, LoopbackServer, start_paste_reader
+from django_xoauth2_mail.models import Mailbox, normalize_address
+from django_xoauth2_mail.providers import get_provider
+from django_xoauth2_mail.providers.base import (
+    ConsentResult,
+    GrantRevoked,
+    Provider,
+    SMTPEndpoint,
+    TokenEndpointError,
+)
+from django_xoauth2_mail.smtp import SMTPSession
+
+Say = Callable[[str], None]  # prints one line for the person, at once
+
+
+@contextmanager
+def command_errors() -> Iterator[None]:
+    """Report the package's errors as a CommandError (exit status 1, no traceback)."""
+    try:
+        yield
+    except XOAuth2MailError as exc:
+        raise CommandError(str(exc)) from None
+
+
+def find_mailbox(address: str) -> Mailbox:
+    mailbox = Mailbox.objects.filter(email=normalize_address(address)).first()
+    if mailbox is None:
+        raise MailboxNotFound(
+            f"No mailbox has the address {address}. `python manage.py list_mailboxes` shows "
+            f"the ones there are; `python manage.py connect_mailbox PROVIDER --email {address}` "
+            "connects it."
+        )
+    return mailbox
+
+
+def _clause(exc: BaseException) -> str:
+    """An exception's message, fit to sit inside a sentence."""
+    return str(exc).strip().rstrip(".")
+
+
+# The loopback flow ----------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class LoopbackOptions:
+    port: int  # 0: any free port
+    timeout: float  # seconds to wait for the answer
+    open_browser: bool
+    read_paste: bool  # also accept the answer pasted on ``stdin``
+    stdin: TextIO
+
+
+def consent_by_loopback(
+    provider: Provider, email: str | None, options: LoopbackOptions, say: Say, warn: Say
+) -> ConsentResult:
+    """Authorization code + PKCE (S256) + state, answered at a loopback redirect URI."""
+    state, pkce = make_state(), make_pkce_pair()
+    inbox = AnswerInbox()
+    server = LoopbackServer(inbox, port=options.port, check=lambda p: answer_problem(p, state))
+    try:
+        server.start()
+    except OSError as exc:
+        raise ConsentError(
+            f"Cannot listen on 127.0.0.1:{options.port} for the provider's answer "
+            f"({exc.strerror or exc}). Choose another port with --port, or --port 0 for any "
+            "free one."
+        ) from None
+    try:
+        url = authorization_url(provider, server.redirect_uri, state, pkce.challenge, email)
+        read_paste = _show_authorization_url(url, server.redirect_uri, email, options, say)
+        if read_paste:
+            start_paste_reader(options.stdin, inbox)
+        answer = inbox.wait(options.timeout, on_notice=warn)
+    except TimeoutError:
+        raise ConsentError(
+            f"No answer came from the provider within {options.timeout:g} s (was the browser "
+            "tab closed?). Nothing was saved; run the command again, with a longer --timeout "
+            "if you need more time."
+        ) from None
+    finally:
+        server.stop()
+    problem = answer_problem(answer.params, None if answer.bare_code else state)
+    if problem:
+        raise ConsentError(problem)
+    return _exchange(provider, answer, server.redirect_uri, pkce.verifier)
+
+
+def authorization_url(
+    provider: Provider, redirect_uri: str, state: str, challenge: str, email: str | None
+) -> str:
+    url = provider.authorization_url(
+        redirect_uri=redirect_uri, state=state, code_challenge=challenge, login_hint=email
+    )
+    parts = urlsplit(url)
+    if parts.scheme not in ("http", "https") or not parts.netloc:
+        raise ConsentError(
+            f"The {provider.id} provider has no authorization URL to open. Set "
+            f"AUTHORIZATION_URL in XOAUTH2_MAIL['PROVIDERS'][{provider.id!r}] and try again."
+        )
+    return url
+
+
+def _show_authorization_url(
+    url: str, redirect_uri: str, email: str | None, options: LoopbackOptions, say: Say
+) -> bool:
+    """Print the instructions (the URL alone on its line, the first URL printed, for
+    scripts) and open a browser if asked; True when pasted answers should be read."""
+    who = f"as {email}" if email else "with the account that should send mail"
+    say(f"Open this address in a browser, sign in {who}, and allow access:")
+    say("")
+    say(url)
+    say("")
+    read_paste = options.read_paste
+    if options.open_browser:
+        if _open_browser(url):
+            say("Opened it in your web browser.")
+        else:
+            say("No web browser could be opened here: open the address on any machine.")
+            read_paste = True
+    say(f"Waiting up to {options.timeout:g} s for the answer at {redirect_uri} (Ctrl-C cancels).")
+    if read_paste:
+        say(
+            "If your browser runs on another machine, the page it is sent to after you "
+            "allow access will not load: copy the whole address from the browser's address "
+            "bar, paste it here and press Enter."
+        )
+    return read_paste
+
+
+def _open_browser(url: str) -> bool:
+    if not _may_have_a_browser():
+        return False
+    try:
+        return webbrowser.open(url)
+    except webbrowser.Error:
+        return False
+
+
+def _may_have_a_browser() -> bool:
+    """False on a Unix machine without a graphical session (an SSH login): there
+    webbrowser would start a text browser (lynx, w3m) in the terminal and wait for it,
+    which cannot sign in to Google or Microsoft. $BROWSER, if set, is obeyed."""
+    if os.environ.get("BROWSER") or sys.platform in ("darwin", "win32", "cygwin"):
+        return True
+    return bool(os.environ.get("DISPLAY") or os.environ.get("WAYLAND_DISPLAY"))
+
+
+def answer_problem(params: Mapping[str, str], state: str | None) -> str | None:
+    """What is wrong with an authorization response, or None. ``state=None`` skips the
+    state check, for a pasted bare code (PKCE binds it to this run all the same)."""
+    if state is not None:
+        try:
+            check_state(state, params.get("state"))
+        except ConsentError as exc:
+            return f"{exc} Nothing was saved."
+    error = params.get("error")
+    if error == "access_denied":
+        return (
+            "Consent was refused at the provider (access_denied). Nothing was saved. To "
+            "connect the mailbox, run the command again, sign in with the account that "
+            "should send, and allow access."
+        )
+    if error:
+        description = params.get("error_description")
+        detail = f"{error}: {description}" if description else error
+        return (
+            f"The provider ended the consent with an error ({detail}). Nothing was saved; "
+            "check the provider's settings (client id, scopes, allowed redirect URIs) and "
+            "run the command again."
+        )
+    if not params.get("code"):
+        return (
+            "The provider's answer has no authorization code. Nothing was saved; run the "
+            "command again."
+        )
+    return None
+
+
+def _exchange(
+    provider: Provider, answer: Answer, redirect_uri: str, verifier: str
+) -> ConsentResult:
+    try:
+        return provider.exchange_code(
+            code=answer.params["code"], redirect_uri=redirect_uri, code_verifier=verifier
+        )
+    except (GrantRevoked, TokenEndpointError) as exc:
+        raise ConsentError(
+            f"The provider did not accept the authorization code ({_clause(exc)}). Nothing "
+            "was saved; run the command again (a code works once, for the run that asked "
+            f"for it). If it fails again, check the client secret and that {redirect_uri} "
+            "is an allowed redirect URI."
+        ) from None
+
+
+# The device flow --------------------------------------------------------------------
+
+
+def consent_by_device(provider: Provider, timeout: float, say: Say) -> ConsentResult:
+    """RFC 8628: show a code to enter at the provider's page, poll until it is done."""
+    try:
+        flow = provider.start_device_flow()
+    except (GrantRevoked, TokenEndpointError) as exc:
+        raise ConsentError(
+            f"{provider.name} did not start the device sign-in ({_clause(exc)}). Nothing was "
+            "saved; fix that and run the command again, or connect with --loopback."
+        ) from None
+    say("Open this address in a browser on any device:")
+    say("")
+    say(flow.verification_uri)
+    say("")
+    say(f"enter the code {flow.user_code}, sign in with the account that should send mail")
+    say("and allow access.")
+    complete = flow.state.get("verification_uri_complete")
+    if complete:
+        say(f"(Or open {complete}, which has the code filled in.)")
+    left = (flow.expires_at - timezone.now()).total_seconds()
+    say(f"Waiting up to {max(0, min(timeout, left)):.0f} s for the sign-in (Ctrl-C cancels).")
+    try:
+        return provider.finish_device_flow(flow, timeout=timeout)
+    except DeviceFlowDenied:
+        raise ConsentError(
+            f"The sign-in with code {flow.user_code} was refused (access_denied). Nothing "
+            "was saved. To connect the mailbox, run the command again and allow access."
+        ) from None
+    except (GrantRevoked, TokenEndpointError) as exc:
+        hint = " with a longer --timeout" if isinstance(exc, DeviceFlowExpired) else ""
+        raise ConsentError(
+            f"The device sign-in did not finish ({_clause(exc)}). Nothing was saved; run "
+            f"the command again{hint}."
+        ) from None
+
+
+# Checking the saved credentials -----------------------------------------------------
+
+
+@sensitive_variables()
+def check_smtp_login(mailbox: Mailbox) -> SMTPEndpoint:
+    """Log in to the mailbox's SMTP server with XOAUTH2 and log out, sending nothing.
+
+    Built like the backend's sessions (dispatch.py): a refused token is refreshed once
+    through the token layer and tried again. Raises SMTPAuthenticationFailed or
+    SMTPConnectionFailed with the package's explanations.
+    """
+    endpoint = get_provider(mailbox.provider).smtp_endpoint
+    token = tokens.get_access_token(mailbox)
+    mailbox_pk = mailbox.pk
+
+    @sensitive_variables()
+    async def token_source(rejected: str | None) -> str:
+        if rejected is None:
+            return token
+        fresh = await run_orm(Mailbox.objects.get, pk=mailbox_pk)
+        return await run_orm(tokens.get_access_token, fresh, rejected_token=rejected)
+
+    session = SMTPSession(
+        endpoint,
+        mailbox.email,
+        token_source,
+        timeout=conf.SMTP_TIMEOUT,
+        local_hostname=DNS_NAME.get_fqdn(),
+        allow_insecure=conf.ALLOW_INSECURE_SMTP,
+    )
+
+    async def log_in_and_out() -> None:
+        try:
+            await session.open()
+        finally:
+            await session.close()
+
+    mail_loop.run(log_in_and_out())
+    return endpoint
+
+
+# Output -------------------------------------------------------------------------------
+
+
+def describe_moment(moment: dt.datetime | None) -> str:
+    """A stored time in the site's time zone, to the minute; "-" for none."""
+    if moment is None:
+        return "-"
+    return timezone.localtime(moment).strftime("%Y-%m-%d %H:%M %Z")
+
+
+def describe_expiry(moment: dt.datetime | None) -> str:
+    """``in 59 min`` or ``expired 2 h ago``; "-" for none."""
+    if moment is None:
+        return "-"
+    seconds = (moment - timezone.now()).total_seconds()
+    return f"in {_duration(seconds)}" if seconds > 0 else f"expired {_duration(-seconds)} ago"
+
+
+def _duration(seconds: float) -> str:
+    if seconds < 90:
+        return f"{seconds:.0f} s"
+    if seconds < 90 * 60:
+        return f"{seconds / 60:.0f} min"
+    if seconds < 36 * 3600:
+        return f"{seconds / 3600:.0f} h"
+    return f"{seconds / 86400:.0f} days"
+
+
+def format_table(headers: Sequence[str], rows: Sequence[Sequence[str]]) -> list[str]:
+    """Left-aligned columns, two spaces apart, under an underlined header."""
+    widths = [max(len(row[i]) for row in [headers, *rows]) for i in range(len(headers))]
+
+    def line(cells: Sequence[str]) -> str:
+        return "  ".join(cell.ljust(width) for cell, width in zip(cells, widths, strict=True))
+
+    rule = ["-" * width for width in widths]
+    return [line(headers).rstrip(), line(rule).rstrip(), *(line(row).rstrip() for row in rows)]
