@@ -153,11 +153,14 @@ class EmailBackend(BaseEmailBackend):
 
     def _prepare(self, messages: Sequence[EmailMessage]) -> _Batch:
         batch = _Batch(messages)
-        envelopes = {
-            index: build_envelope(message, index)
-            for index, message in enumerate(messages)
-            if message.recipients()  # like Django: a message without recipients is skipped
-        }
+        envelopes = {}
+        for index, message in enumerate(messages):
+            if message.recipients():
+                envelopes[index] = build_envelope(message, index)
+            else:  # skipped, as Django's SMTP backend does, but not silently
+                logger.warning(
+                    "Message #%d (%r) has no recipients: not sent.", index, message.subject
+                )
         mailboxes = self._pick_mailboxes({i: messages[i] for i in envelopes})
         for index, envelope in envelopes.items():
             mailbox = mailboxes[index]

@@ -123,3 +123,47 @@ def test_header_injection_and_bad_addresses_are_refused_before_sending(
     assert "Nothing was sent" in str(caught.value)
     assert xoauth2_smtp_server.messages == []
     assert xoauth2_smtp_server.auth_attempts == []
+
+
+def test_crlf_in_an_attachment_filename_cannot_inject_headers(
+    real_backend, oauth2_settings, oauth2_server, xoauth2_smtp_server
+):
+    make_mailbox(oauth2_server)
+    message = EmailMessage("S", "B", SENDER, ["to@example.org"])
+    message.attach("evil\r\nBcc: victim@example.org.txt", b"data", "text/plain")
+    try:
+        sent = EmailBackend().send_messages([message])
+    except InvalidMessage:
+        sent = 0  # refused before sending: fine too
+    for received in xoauth2_smtp_server.messages[:sent]:
+        assert received.rcpt_tos == ["to@example.org"]
+        assert b"\r\nBcc:" not in received.data
+
+
+@pytest.mark.parametrize("to", [["   "], ["a@b@c.example"], ["two@example.org, three@example.org"]])
+def test_empty_or_invalid_recipients_are_refused_before_sending(
+    to, real_backend, oauth2_settings, oauth2_server, xoauth2_smtp_server
+):
+    make_mailbox(oauth2_server)
+    with pytest.raises(InvalidMessage):
+        EmailBackend().send_messages([EmailMessage("S", "B", SENDER, to)])
+    assert xoauth2_smtp_server.auth_attempts == []
+
+
+def test_an_empty_message_is_sent_as_django_would(
+    real_backend, oauth2_settings, oauth2_server, xoauth2_smtp_server
+):
+    make_mailbox(oauth2_server)
+    assert EmailBackend().send_messages([EmailMessage("", "", SENDER, ["to@example.org"])]) == 1
+    assert len(xoauth2_smtp_server.messages) == 1
+
+
+def test_a_message_left_without_recipients_is_skipped_with_a_warning(
+    real_backend, oauth2_settings, oauth2_server, xoauth2_smtp_server, caplog
+):
+    # Django drops empty addresses, and its SMTP backend skips a message left
+    # without recipients; so does this one, but it says so in the log.
+    make_mailbox(oauth2_server)
+    assert EmailBackend().send_messages([EmailMessage("S", "B", SENDER, [""])]) == 0
+    assert "has no recipients" in caplog.text
+    assert xoauth2_smtp_server.auth_attempts == []
