@@ -143,6 +143,12 @@ class Provider:
         """Trade the authorization code for tokens (and the account's address)."""
         raise NotImplementedError
 
+    @property
+    def consent_free(self) -> bool:
+        """True when this configuration mints tokens for any mailbox without a
+        person's consent (Google service accounts, Microsoft app-only)."""
+        return False
+
     # Device-code flow (RFC 8628), for providers that allow it for SMTP scopes.
     supports_device_flow: ClassVar[bool] = False
 

@@ -151,6 +151,12 @@ class GoogleProvider(Provider):
 
     # Refresh ---------------------------------------------------------------
 
+    @property
+    def consent_free(self) -> bool:
+        return bool(
+            self.settings.get("SERVICE_ACCOUNT_INFO") or self.settings.get("SERVICE_ACCOUNT_FILE")
+        )
+
     def refresh_access_token(self, email: str, refresh_token: str | None) -> TokenResult:
         delegated = not refresh_token
         credentials: Any

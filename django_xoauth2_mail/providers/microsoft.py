@@ -105,6 +105,10 @@ class MicrosoftProvider(Provider):
         return problems
 
     @property
+    def consent_free(self) -> bool:
+        return bool(self.settings.get("APP_ONLY"))
+
+    @property
     def authority(self) -> str:
         host = str(self.settings.get("AUTHORITY_HOST") or DEFAULT_AUTHORITY_HOST).rstrip("/")
         if "://" not in host:

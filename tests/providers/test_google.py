@@ -310,3 +310,43 @@ def test_revoke_token(google_settings, oauth2_server):
 def test_unreachable_revocation_endpoint_returns_false(google_settings):
     google_settings["REVOCATION_URL"] = "http://127.0.0.1:9/revoke"
     assert GoogleProvider(google_settings).revoke_token("token") is False
+
+
+def test_connect_mailbox_no_consent_adds_a_delegated_mailbox(
+    google_settings, service_account_info, jwt_bearer_server, xoauth2_smtp_server
+):
+    import io
+
+    from django.core.management import call_command
+
+    google_settings["SERVICE_ACCOUNT_INFO"] = service_account_info
+    del google_settings["TOKEN_URL"]
+    out = io.StringIO()
+    call_command(
+        "connect_mailbox", "google", "--no-consent", "--email", "Alice@example.com", stdout=out
+    )
+
+    mailbox = Mailbox.objects.get()
+    assert (mailbox.email, mailbox.refresh_token) == ("alice@example.com", None)
+    assert "No refresh token needed" in out.getvalue() and "SMTP login to" in out.getvalue()
+    assert set(jwt_bearer_server.subjects) == {"alice@example.com"}  # delegated as alice
+
+
+def test_connect_mailbox_no_consent_refused_without_a_service_account(google_settings):
+    from django.core.management import CommandError, call_command
+
+    with pytest.raises(CommandError, match="SERVICE_ACCOUNT_FILE"):
+        call_command("connect_mailbox", "google", "--no-consent", "--email", "a@example.com")
+    assert not Mailbox.objects.exists()
+
+
+def test_connect_mailbox_no_consent_keeps_nothing_when_delegation_fails(
+    google_settings, service_account_info, jwt_bearer_server
+):
+    from django.core.management import CommandError, call_command
+
+    google_settings["SERVICE_ACCOUNT_INFO"] = service_account_info
+    del google_settings["TOKEN_URL"]
+    with pytest.raises(CommandError):
+        call_command("connect_mailbox", "google", "--no-consent", "--email", "stranger@example.net")
+    assert not Mailbox.objects.exists()

@@ -8,6 +8,8 @@ from argparse import ArgumentParser
 from typing import Any
 
 from django.core.management.base import BaseCommand, CommandError
+from django.db import transaction
+from django.db import transaction
 from django.utils import timezone
 
 from django_xoauth2_mail.cli import (
@@ -22,9 +24,10 @@ from django_xoauth2_mail.cli import (
 from django_xoauth2_mail.conf import PROVIDER_IDS
 from django_xoauth2_mail.consent import ConsentError, resolve_email, save_consent
 from django_xoauth2_mail.exceptions import XOAuth2MailError
-from django_xoauth2_mail.models import Mailbox, MailboxStatus
+from django_xoauth2_mail.models import Mailbox, MailboxStatus, normalize_address
 from django_xoauth2_mail.providers import get_provider
 from django_xoauth2_mail.providers.base import ConsentResult, Provider
+from django_xoauth2_mail.tokens import get_access_token
 
 # Providers whose consent runs the device flow unless --loopback is given: Microsoft's
 # works for SMTP and suits servers without a browser. Google refuses its mail scope there.
@@ -82,6 +85,12 @@ class Command(BaseCommand):
             help="Seconds to wait for the consent (default 300).",
         )
         parser.add_argument(
+            "--no-consent",
+            action="store_true",
+            help="Add a mailbox that needs no consent, with --email: a Google Workspace "
+            "service account with domain-wide delegation, or Microsoft 365 APP_ONLY.",
+        )
+        parser.add_argument(
             "--no-verify",
             action="store_true",
             help="Do not check the new credentials with an SMTP login.",
@@ -92,8 +101,11 @@ class Command(BaseCommand):
         _check_numbers(options)
         with command_errors():
             provider = get_provider(options["provider"])
-            result = self._consent(provider, options)
-            mailbox, was = self._save(provider, result, options["email"])
+            if options["no_consent"]:
+                mailbox, was = self._add_without_consent(provider, options["email"])
+            else:
+                result = self._consent(provider, options)
+                mailbox, was = self._save(provider, result, options["email"])
         self._report(provider, mailbox, was)
         if not options["no_verify"]:
             self._verify(mailbox)
@@ -158,6 +170,30 @@ class Command(BaseCommand):
         before = Mailbox.objects.filter(email=address).values_list("status", flat=True).first()
         return save_consent(provider.id, result, email), before
 
+    @staticmethod
+    def _add_without_consent(provider: Provider, email: str | None) -> tuple[Mailbox, str | None]:
+        if not provider.consent_free:
+            raise CommandError(
+                f"--no-consent needs a {provider.name} configuration that mints tokens without "
+                "a person: SERVICE_ACCOUNT_FILE or SERVICE_ACCOUNT_INFO for google, APP_ONLY "
+                "for microsoft. Leave out --no-consent to sign in instead."
+            )
+        if not email:
+            raise CommandError("--no-consent needs --email: the mailbox to send as.")
+        address = normalize_address(email)
+        before = Mailbox.objects.filter(email=address).values_list("status", flat=True).first()
+        mailbox = Mailbox.objects.filter(email=address).first() or Mailbox(email=address)
+        mailbox.provider = provider.id
+        mailbox.refresh_token = mailbox.access_token = None
+        mailbox.access_token_expires_at = None
+        mailbox.status = MailboxStatus.CONNECTED
+        mailbox.last_error, mailbox.last_error_at = "", None
+        with transaction.atomic():  # a mailbox whose first token fails is not kept
+            mailbox.save()
+            # The first token, now: proves the delegation or app permission works.
+            get_access_token(mailbox)
+        return mailbox, before
+
     # Report and check ---------------------------------------------------------------
 
     def _report(self, provider: Provider, mailbox: Mailbox, was: str | None) -> None:
@@ -181,6 +217,8 @@ class Command(BaseCommand):
         )
         if mailbox.refresh_token:
             self.say("  Refresh token saved (encrypted).")
+        elif provider.consent_free:
+            self.say("  No refresh token needed: tokens are minted for this mailbox as needed.")
         else:
             self.warn(
                 "  The provider gave no refresh token: sending stops when the access token "
