@@ -1,0 +1,36 @@
+"""Minimal Django settings for the benchmark (``python -m benchmarks.run`` selects them).
+
+The database is SQLite in the directory named by ``XOAUTH2_MAIL_BENCHMARK_DIR``, which
+the benchmark creates, shares with the child processes it starts, and removes at the end.
+Mail settings that depend on the run (the sink's port, the OAuth2 server's URLs) are set by
+the benchmark at run time.
+"""
+
+import os
+import tempfile
+
+SECRET_KEY = "benchmark-only-secret-key"
+DEBUG = False
+USE_TZ = True
+TIME_ZONE = "UTC"
+INSTALLED_APPS = ["django_xoauth2_mail"]
+
+_directory = os.environ.get("XOAUTH2_MAIL_BENCHMARK_DIR") or tempfile.mkdtemp(
+    prefix="xoauth2-mail-benchmark-"
+)
+DATABASES = {
+    "default": {
+        "ENGINE": "django.db.backends.sqlite3",
+        "NAME": os.path.join(_directory, "benchmark.sqlite3"),
+    }
+}
+
+# Django's SMTP backend, as a site would configure it for a submission server.
+EMAIL_BACKEND = "django.core.mail.backends.smtp.EmailBackend"
+EMAIL_HOST = "127.0.0.1"
+EMAIL_PORT = 587  # replaced by the sink's port
+EMAIL_USE_TLS = True
+EMAIL_TIMEOUT = 30
+DEFAULT_FROM_EMAIL = "sender@bench.invalid"
+
+XOAUTH2_MAIL: dict[str, object] = {"PROVIDERS": {}}
