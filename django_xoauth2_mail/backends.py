@@ -168,7 +168,10 @@ class EmailBackend(BaseEmailBackend):
             if job is None:
                 provider = get_provider(mailbox.provider)
                 job = batch.jobs[mailbox.pk] = MailboxJob(
-                    mailbox, provider.smtp_endpoint, self.rate_limit or provider.rate_limit
+                    mailbox,
+                    provider.smtp_endpoint,
+                    rate_limit=self.rate_limit or provider.rate_limit,
+                    max_sessions=provider.max_sessions_per_mailbox,
                 )
             job.items.append((index, envelope))
         for job in batch.jobs.values():

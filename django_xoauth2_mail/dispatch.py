@@ -39,6 +39,7 @@ class MailboxJob:
     mailbox: Mailbox
     endpoint: SMTPEndpoint
     rate_limit: int | None = None
+    max_sessions: int | None = None  # the provider's cap on concurrent sessions
     items: list[tuple[int, Envelope]] = field(default_factory=list)
     results: dict[int, DeliveryResult] = field(default_factory=dict)
     errors: dict[int, Exception] = field(default_factory=dict)
@@ -65,7 +66,8 @@ class Dispatcher:
         await asyncio.gather(*(session.close() for session in held))
 
     async def _run_job(self, job: MailboxJob) -> None:
-        wanted = max(1, min(self.options.max_connections, len(job.items)))
+        cap = job.max_sessions or self.options.max_connections
+        wanted = max(1, min(self.options.max_connections, cap, len(job.items)))
         queue = list(reversed(job.items))  # popped from the end: original order
         first = await self._acquire(job)
         sessions = [first]

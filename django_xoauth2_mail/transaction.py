@@ -23,6 +23,8 @@ import aiosmtplib
 from aiosmtplib.email import quote_address
 from aiosmtplib.protocol import LINE_ENDINGS_REGEX, PERIOD_REGEX, SMTPProtocol
 
+# Messages above this size are written in pieces of this size (see _write_message).
+WRITE_CHUNK = 256 * 1024
 # Replies that mean "not now": the same transaction may succeed later.
 TRANSIENT_CODES = frozenset({421, 450, 451, 452, 454})
 
@@ -177,12 +179,13 @@ async def _finish(
             result.error = "the server refused every recipient"
         return await _abandon(client, protocol, replies, len(recipients) + 2, result)
     try:
-        protocol.write(wire_data(data))
-    except aiosmtplib.SMTPServerDisconnected as exc:  # nothing of the message went out
+        await _write_message(protocol, wire_data(data), timeout)
+    except (aiosmtplib.SMTPServerDisconnected, ConnectionError, TimeoutError) as exc:
+        # The final "." never went out, so the server cannot have accepted the
+        # message: sending it again on a new connection is safe.
         client.close()
-        raise ConnectionLostBeforeData(str(exc)) from None
+        raise ConnectionLostBeforeData(str(exc) or type(exc).__name__) from None
     try:
-        protocol.write(b".\r\n")
         final = await protocol.read_reply(timeout)
     except (aiosmtplib.SMTPServerDisconnected, aiosmtplib.SMTPTimeoutError) as exc:
         client.close()
@@ -195,6 +198,24 @@ async def _finish(
         return result
     result.delivered_to = accepted
     return result
+
+
+async def _write_message(protocol: PipeliningProtocol, wire: bytes, timeout: float) -> None:
+    """Write the message and its final ".".
+
+    A small message goes in one write (one TLS record, one system call). A large
+    one goes in pieces, waiting for the socket to take each: one write of 20 MB
+    would have the TLS transport encrypt and buffer all of it at once, several
+    times the message's size in memory.
+    """
+    if len(wire) <= WRITE_CHUNK:
+        protocol.write(wire + b".\r\n")
+        return
+    view = memoryview(wire)
+    for start in range(0, len(wire), WRITE_CHUNK):
+        protocol.write(view[start : start + WRITE_CHUNK])  # type: ignore[arg-type]
+        await asyncio.wait_for(protocol._drain_helper(), timeout)
+    protocol.write(b".\r\n")
 
 
 async def _abandon(

@@ -156,3 +156,34 @@ def test_a_host_that_does_not_resolve_is_a_connection_error(settings, mailbox):
     with pytest.raises(SMTPConnectionFailed, match="smtp.does-not-exist.invalid"):
         mail.send_mail("Hi", "Body", SENDER, ["to@example.org"])
     assert time.monotonic() - started < 10
+
+
+def test_a_large_message_goes_out_in_pieces_intact(
+    settings, mailbox, oauth2_server, tls_certificate
+):
+    from django.core.mail import EmailMessage
+
+    certfile, keyfile = tls_certificate
+    payload = bytes(range(256)) * 8192  # 2 MB: written in 256 KB pieces
+    with XOAuth2SMTPServer(
+        oauth2_server.validate_access_token, security="tls", certfile=certfile, keyfile=keyfile
+    ) as server:
+        point_at(settings, server, SMTP_SECURITY="tls", SMTP_CA_FILE=certfile)
+        message = EmailMessage("Big", "Body", SENDER, ["to@example.org"])
+        message.attach("big.bin", payload, "application/octet-stream")
+        assert message.send() == 1
+
+    import email as email_lib
+
+    parsed = email_lib.message_from_bytes(server.messages[0].data)
+    (attachment,) = [p for p in parsed.walk() if p.get_filename() == "big.bin"]
+    assert attachment.get_payload(decode=True) == payload
+
+
+def test_tls_contexts_are_shared_per_ca_file(tls_certificate):
+    from django_xoauth2_mail.smtp import tls_context_for
+
+    certfile, _ = tls_certificate
+    assert tls_context_for(certfile) is tls_context_for(certfile)
+    assert tls_context_for(None) is tls_context_for(None)
+    assert tls_context_for(certfile) is not tls_context_for(None)

@@ -155,3 +155,11 @@ def test_a_batch_costs_no_database_write_per_message(mailbox, xoauth2_smtp_serve
 def test_bad_option_values_are_refused(options):
     with pytest.raises(ConfigurationError):
         EmailBackend(**options)
+
+
+def test_a_provider_cap_limits_max_connections(monkeypatch, mailbox, xoauth2_smtp_server):
+    from django_xoauth2_mail.providers.oauth2 import OAuth2Provider
+
+    monkeypatch.setattr(OAuth2Provider, "max_sessions_per_mailbox", 2)
+    assert EmailBackend(max_connections=8).send_messages(batch(30)) == 30
+    assert len(xoauth2_smtp_server.auth_attempts) == 2

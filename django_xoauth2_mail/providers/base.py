@@ -84,6 +84,9 @@ class Provider:
     name: ClassVar[str]
     default_smtp: ClassVar[SMTPEndpoint]
     default_scopes: ClassVar[tuple[str, ...]] = ()
+    # Concurrent SMTP sessions per mailbox the provider accepts (None: no limit);
+    # caps the backend's max_connections.
+    max_sessions_per_mailbox: ClassVar[int | None] = None
     # Messages per minute per mailbox the provider tolerates (None: no limit).
     default_rate_limit: ClassVar[int | None] = None
     # Settings keys this provider cannot work without (checked by checks.py).

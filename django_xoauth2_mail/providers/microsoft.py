@@ -83,8 +83,10 @@ class MicrosoftProvider(Provider):
     name = "Microsoft"
     default_smtp = SMTPEndpoint(host="smtp.office365.com", port=587, security="starttls")
     default_scopes = (SMTP_SCOPE,)
-    # Exchange Online accepts 30 messages a minute from one mailbox.
+    # Exchange Online accepts 30 messages a minute from one mailbox, and refuses a
+    # 4th concurrent SMTP session ("432 4.3.2 ... sender thread limit exceeded").
     default_rate_limit = 30
+    max_sessions_per_mailbox = 3
 
     @classmethod
     def settings_problems(cls, settings: Mapping[str, Any]) -> list[tuple[str, str]]:

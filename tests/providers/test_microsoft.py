@@ -406,3 +406,10 @@ def test_missing_discovery_document_fails_clearly(microsoft_settings, https_oaut
     microsoft_settings["AUTHORITY_HOST"] = f"{https_oauth2_server.base_url}/no-such-prefix"
     with pytest.raises(TokenEndpointError, match="cannot be used.*TENANT and AUTHORITY_HOST"):
         MicrosoftProvider(microsoft_settings).refresh_access_token(SENDER, "any")
+
+
+def test_microsoft_caps_concurrent_sessions_per_mailbox():
+    from django_xoauth2_mail.providers.microsoft import MicrosoftProvider
+
+    # Exchange Online refuses a 4th concurrent SMTP session per mailbox.
+    assert MicrosoftProvider.max_sessions_per_mailbox == 3

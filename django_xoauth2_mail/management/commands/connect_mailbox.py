@@ -9,7 +9,6 @@ from typing import Any
 
 from django.core.management.base import BaseCommand, CommandError
 from django.db import transaction
-from django.db import transaction
 from django.utils import timezone
 
 from django_xoauth2_mail.cli import (
