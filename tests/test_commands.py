@@ -662,6 +662,10 @@ def auto_approving() -> Iterator[Servers]:
         yield Servers(server, smtp)
 
 
+def _default_sigint() -> None:
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def manage(tmp_path: Path, servers: Servers, *args: str, **popen: Any) -> subprocess.Popen[str]:
     """``python -m django ARGS`` with the test database and ``servers`` as oauth2."""
     server = servers.oauth
@@ -685,6 +689,9 @@ def manage(tmp_path: Path, servers: Servers, *args: str, **popen: Any) -> subpro
     )  # fmt: skip
     return subprocess.Popen(
         [sys.executable, "-m", "django", *args], cwd=tmp_path, env=env, text=True,
+        # A CI runner may start the tests with SIGINT ignored (a background job of a
+        # non-interactive shell), and children inherit that: give Ctrl-C back to them.
+        preexec_fn=_default_sigint,
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, **popen,
     )  # fmt: skip
 
