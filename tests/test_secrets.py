@@ -83,7 +83,9 @@ def exception_texts(exc: BaseException) -> str:
     return "\n".join([str(exc), repr(exc), *traceback.format_exception(exc)])
 
 
-def test_a_refused_token_leaks_nowhere(settings, secret_client, oauth2_server, every_log_record):
+def test_a_refused_token_leaks_nowhere(
+    settings, real_backend, secret_client, oauth2_server, every_log_record
+):
     issued = oauth2_server.issue_tokens(SENDER, client_id="secret-client")
     mailbox = Mailbox.objects.create(
         email=SENDER,
@@ -92,9 +94,6 @@ def test_a_refused_token_leaks_nowhere(settings, secret_client, oauth2_server, e
         access_token=issued["access_token"],
         access_token_expires_at=timezone.now() + dt.timedelta(hours=1),
     )
-    settings.EMAIL_BACKEND = "django_xoauth2_mail.backends.EmailBackend"
-    if hasattr(settings, "MAILERS"):
-        settings.MAILERS = {"default": {"BACKEND": settings.EMAIL_BACKEND}}
 
     with XOAuth2SMTPServer(lambda user, token: False) as server:
         settings.XOAUTH2_MAIL["PROVIDERS"]["oauth2"]["SMTP_PORT"] = server.port
