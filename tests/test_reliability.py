@@ -187,3 +187,17 @@ def test_token_endpoint_garbage_is_a_clear_error(body, mailbox, oauth2_server):
         mail.send_mail("Hi", "Body", SENDER, ["to@example.org"])
     mailbox.refresh_from_db()
     assert mailbox.status == "connected"
+
+
+def test_slow_token_endpoint_is_a_clear_error_within_the_timeout(settings, mailbox, oauth2_server):
+    from django_xoauth2_mail.exceptions import TokenRefreshError
+
+    settings.XOAUTH2_MAIL["HTTP_TIMEOUT"] = 0.3
+    settings.XOAUTH2_MAIL["TOKEN_REFRESH_ATTEMPTS"] = 1
+    oauth2_server.token_response_delay = 3
+    started = time.monotonic()
+    with pytest.raises(TokenRefreshError, match="did not answer within 0.3 s"):
+        mail.send_mail("Hi", "Body", SENDER, ["to@example.org"])
+    assert time.monotonic() - started < 2.5
+    mailbox.refresh_from_db()
+    assert mailbox.status == "connected"
