@@ -11,8 +11,9 @@ from __future__ import annotations
 import dataclasses
 import datetime as dt
 import json
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from typing import Any, ClassVar, Literal
+from urllib.parse import urlencode
 
 import requests
 from django.utils import timezone
@@ -165,6 +166,33 @@ class Provider:
     def revoke_token(self, token: str) -> bool:
         """Revoke a refresh token at the provider; False where it offers no revocation."""
         return False
+
+
+def authorization_request_url(
+    endpoint: str,
+    *,
+    client_id: str,
+    redirect_uri: str,
+    scopes: Iterable[str],
+    state: str,
+    code_challenge: str,
+    login_hint: str | None,
+    **extra: str,
+) -> str:
+    """An authorization-code request with PKCE (S256), as RFC 6749 and 7636 spell it."""
+    params = {
+        "response_type": "code",
+        "client_id": client_id,
+        "redirect_uri": redirect_uri,
+        "scope": " ".join(scopes),
+        "state": state,
+        "code_challenge": code_challenge,
+        "code_challenge_method": "S256",
+        **extra,
+    }
+    if login_hint:
+        params["login_hint"] = login_hint
+    return f"{endpoint}?{urlencode(params)}"
 
 
 def expiry_from(expires_in: Any) -> dt.datetime:

@@ -17,7 +17,6 @@ import json
 import os
 from collections.abc import Mapping
 from typing import Any, ClassVar
-from urllib.parse import urlencode
 
 import google.auth.transport.requests
 import google.oauth2.credentials
@@ -34,6 +33,7 @@ from django_xoauth2_mail.providers.base import (
     SMTPEndpoint,
     TokenEndpointError,
     TokenResult,
+    authorization_request_url,
     expiry_from,
     post_token_request,
 )
@@ -261,23 +261,20 @@ class GoogleProvider(Provider):
     def authorization_url(
         self, *, redirect_uri: str, state: str, code_challenge: str, login_hint: str | None = None
     ) -> str:
-        params = {
-            "response_type": "code",
-            "client_id": self._client_setting("CLIENT_ID"),
-            "redirect_uri": redirect_uri,
-            "scope": " ".join(self.consent_scopes),
-            "state": state,
-            "code_challenge": code_challenge,
-            "code_challenge_method": "S256",
+        return authorization_request_url(
+            self._setting("AUTHORIZATION_URL"),
+            client_id=self._client_setting("CLIENT_ID"),
+            redirect_uri=redirect_uri,
+            scopes=self.consent_scopes,
+            state=state,
+            code_challenge=code_challenge,
+            login_hint=login_hint,
             # offline + consent: Google returns a refresh token every time, even to a
             # user who consented before (it omits it otherwise).
-            "access_type": "offline",
-            "prompt": "consent",
-            "include_granted_scopes": "true",
-        }
-        if login_hint:
-            params["login_hint"] = login_hint
-        return f"{self._setting('AUTHORIZATION_URL')}?{urlencode(params)}"
+            access_type="offline",
+            prompt="consent",
+            include_granted_scopes="true",
+        )
 
     def exchange_code(self, *, code: str, redirect_uri: str, code_verifier: str) -> ConsentResult:
         data = {

@@ -5,7 +5,6 @@ from __future__ import annotations
 import base64
 import json
 from typing import Any, ClassVar
-from urllib.parse import urlencode
 
 import requests
 from django.views.decorators.debug import sensitive_variables
@@ -18,6 +17,7 @@ from django_xoauth2_mail.providers.base import (
     Provider,
     SMTPEndpoint,
     TokenResult,
+    authorization_request_url,
     expiry_from,
     post_token_request,
 )
@@ -56,18 +56,15 @@ class OAuth2Provider(Provider):
     def authorization_url(
         self, *, redirect_uri: str, state: str, code_challenge: str, login_hint: str | None = None
     ) -> str:
-        params = {
-            "response_type": "code",
-            "client_id": self._setting("CLIENT_ID"),
-            "redirect_uri": redirect_uri,
-            "scope": " ".join(self.scopes),
-            "state": state,
-            "code_challenge": code_challenge,
-            "code_challenge_method": "S256",
-        }
-        if login_hint:
-            params["login_hint"] = login_hint
-        return f"{self._setting('AUTHORIZATION_URL')}?{urlencode(params)}"
+        return authorization_request_url(
+            self._setting("AUTHORIZATION_URL"),
+            client_id=self._setting("CLIENT_ID"),
+            redirect_uri=redirect_uri,
+            scopes=self.scopes,
+            state=state,
+            code_challenge=code_challenge,
+            login_hint=login_hint,
+        )
 
     @sensitive_variables()
     def exchange_code(self, *, code: str, redirect_uri: str, code_verifier: str) -> ConsentResult:
