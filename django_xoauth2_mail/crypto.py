@@ -28,6 +28,7 @@ from django_xoauth2_mail.exceptions import EncryptionKeyError
 SERIALIZED_PREFIX = "fernet:"
 
 
+@functools.lru_cache(maxsize=8)
 def derive_key(secret: str) -> bytes:
     """A Fernet key derived from a Django secret key, unique to this package."""
     hkdf = HKDF(
