@@ -16,14 +16,15 @@ from __future__ import annotations
 import html
 import queue
 import re
-import socketserver
 import threading
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 from typing import Any, TextIO
 from urllib.parse import parse_qs, unquote, urlsplit
+
+from django_xoauth2_mail.devserver.threaded import BackgroundHTTPServer, ServerThread
 
 __all__ = ["Answer", "AnswerInbox", "LoopbackServer", "parse_pasted", "start_paste_reader"]
 
@@ -76,8 +77,7 @@ class LoopbackServer:
     def __init__(self, inbox: AnswerInbox, *, port: int = 0, check: AnswerCheck) -> None:
         self.inbox, self.check = inbox, check
         self._port = port  # the bound one once started; kept after stop()
-        self._httpd: _HTTPServer | None = None
-        self._thread: threading.Thread | None = None
+        self._serving: ServerThread | None = None
         self._answered = threading.Event()
 
     @property
@@ -94,22 +94,16 @@ class LoopbackServer:
 
     def start(self) -> LoopbackServer:
         """Listen now (OSError if the port is taken), serving from a daemon thread."""
-        self._httpd = _HTTPServer(("127.0.0.1", self._port), self)
-        self._port = self._httpd.server_port
-        self._thread = threading.Thread(
-            target=self._httpd.serve_forever, args=(0.05,), name="xoauth2-loopback", daemon=True
-        )
-        self._thread.start()
+        httpd = _HTTPServer(("127.0.0.1", self._port), self)
+        self._port = httpd.server_port
+        self._serving = ServerThread(httpd, "xoauth2-loopback").start()
         return self
 
     def stop(self) -> None:
         """Stop serving and close the port; safe to call twice."""
-        httpd, thread, self._httpd, self._thread = self._httpd, self._thread, None, None
-        if httpd is not None:
-            httpd.shutdown()
-            httpd.server_close()
-        if thread is not None:
-            thread.join(timeout=5)
+        serving, self._serving = self._serving, None
+        if serving is not None:
+            serving.stop()
 
     def __enter__(self) -> LoopbackServer:
         return self.start()
@@ -136,19 +130,13 @@ class LoopbackServer:
         return 200, "Consent received", text, answer
 
 
-class _HTTPServer(ThreadingHTTPServer):
-    # Browsers open spare connections they may never use; each gets its own thread,
-    # so an idle one cannot hold up the redirect.
-    daemon_threads = True
+class _HTTPServer(BackgroundHTTPServer):
+    # Browsers open spare connections they may never use; each gets its own (daemon)
+    # thread, so an idle one cannot hold up the redirect.
 
     def __init__(self, address: tuple[str, int], app: LoopbackServer) -> None:
         self.app = app
         super().__init__(address, _Handler)
-
-    def server_bind(self) -> None:
-        # HTTPServer.server_bind looks up the host's FQDN, a DNS query that can stall.
-        socketserver.TCPServer.server_bind(self)
-        self.server_name, self.server_port = str(self.server_address[0]), self.server_address[1]
 
 
 class _Handler(BaseHTTPRequestHandler):
