@@ -119,7 +119,8 @@ class EmailBackend(BaseEmailBackend):
 
     def close(self) -> None:
         self.dispatcher.holding = False
-        self._call_blocking(mail_loop.run, self.dispatcher.close())
+        if self.dispatcher.holds_sessions:  # nothing to say QUIT to otherwise
+            self._call_blocking(mail_loop.run, self.dispatcher.close())
 
     def send_messages(self, email_messages: Sequence[EmailMessage]) -> int:
         messages = list(email_messages or [])

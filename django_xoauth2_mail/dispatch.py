@@ -57,6 +57,10 @@ class Dispatcher:
         self.holding = False
         self._held: dict[Hashable, list[SMTPSession]] = {}
 
+    @property
+    def holds_sessions(self) -> bool:
+        return any(self._held.values())
+
     async def run(self, jobs: list[MailboxJob]) -> None:
         await asyncio.gather(*(self._run_job(job) for job in jobs if job.items))
 

@@ -299,3 +299,15 @@ def test_alternatives_and_attachments_arrive_intact(mailbox, xoauth2_smtp_server
     html = parts["text/html"].get_payload(decode=True)
     assert isinstance(html, bytes) and html.rstrip() == b"<p>Rich</p>"
     assert parts["application/octet-stream"].get_payload(decode=True) == bytes(range(256))
+
+
+def test_close_says_quit_to_held_sessions(mailbox, xoauth2_smtp_server):
+    backend = EmailBackend()
+    backend.open()
+    backend.send_messages([EmailMessage("M", "Body", SENDER, ["to@example.org"])])
+    assert backend.dispatcher.holds_sessions
+
+    backend.close()
+
+    assert not backend.dispatcher.holds_sessions
+    backend.close()  # twice is fine
