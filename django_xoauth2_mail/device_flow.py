@@ -8,7 +8,6 @@ the provider interface's exceptions, so callers handle them as any other consent
 
 from __future__ import annotations
 
-import json
 import time
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -24,6 +23,7 @@ from django_xoauth2_mail.providers.base import (
     DeviceFlow,
     TokenEndpointError,
     expiry_from,
+    json_object,
 )
 
 GRANT_TYPE = "urn:ietf:params:oauth:grant-type:device_code"
@@ -164,14 +164,7 @@ def _post(url: str, data: Mapping[str, str]) -> tuple[int, dict[str, Any]]:
         raise TokenEndpointError(
             f"{url} could not be reached ({type(exc).__name__})", retryable=True
         ) from None
-    try:
-        payload = json.loads(response.text)
-    except ValueError:
-        payload = None
-    if not isinstance(payload, dict):
-        raise TokenEndpointError(
-            f"{url} answered HTTP {response.status_code} with something that is not a JSON "
-            "object (check the provider's URL settings)",
-            retryable=response.status_code >= 500,
-        )
+    payload = json_object(
+        url, response.status_code, response.text, check="the provider's URL settings"
+    )
     return response.status_code, payload

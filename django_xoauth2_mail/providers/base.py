@@ -229,17 +229,32 @@ def post_token_request(url: str, data: Mapping[str, str]) -> dict[str, Any]:
 
 
 @sensitive_variables()
-def parse_token_response(url: str, status: int, body: str) -> dict[str, Any]:
+def json_object(
+    url: str,
+    status: int,
+    body: str | bytes,
+    *,
+    check: str = "the TOKEN_URL setting",
+    retryable: bool | None = None,
+) -> dict[str, Any]:
+    """The JSON object an OAuth endpoint answered, or a TokenEndpointError that says
+    what came instead (an HTML error page, truncated JSON ...) and what to check."""
     try:
         payload = json.loads(body)
     except ValueError:
         payload = None
     if not isinstance(payload, dict):
         raise TokenEndpointError(
-            f"the token endpoint {url} answered HTTP {status} with something that is not "
-            "a JSON object (check the TOKEN_URL setting)",
-            retryable=status >= 500,
+            f"the endpoint {url} answered HTTP {status} with something that is not "
+            f"a JSON object (check {check})",
+            retryable=status >= 500 if retryable is None else retryable,
         )
+    return payload
+
+
+@sensitive_variables()
+def parse_token_response(url: str, status: int, body: str) -> dict[str, Any]:
+    payload = json_object(url, status, body)
     if status == 200 and "error" not in payload:
         if not isinstance(payload.get("access_token"), str):
             raise TokenEndpointError(

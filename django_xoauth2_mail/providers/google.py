@@ -35,6 +35,7 @@ from django_xoauth2_mail.providers.base import (
     TokenResult,
     authorization_request_url,
     expiry_from,
+    json_object,
     post_token_request,
 )
 from django_xoauth2_mail.providers.oauth2 import id_token_claims
@@ -85,16 +86,9 @@ class _TokenEndpointRequest(google.auth.transport.requests.Request):
             raise TokenEndpointError(
                 f"the token endpoint {url} answered HTTP {response.status}", retryable=True
             )
-        try:
-            payload = json.loads(response.data)
-        except ValueError:
-            payload = None
-        if not isinstance(payload, dict):
-            raise TokenEndpointError(
-                f"the token endpoint {url} answered HTTP {response.status} with something "
-                "that is not a JSON object (check the TOKEN_URL setting)",
-                retryable=False,
-            )
+        # Retryable statuses were raised above; anything else that is not JSON
+        # is a wrong URL, not an outage.
+        json_object(url, response.status, response.data, retryable=False)
         return response
 
 
