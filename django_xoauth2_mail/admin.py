@@ -13,7 +13,6 @@ from typing import TYPE_CHECKING, Any
 from django.contrib import admin, messages
 from django.contrib.admin.helpers import ACTION_CHECKBOX_NAME
 from django.core.mail import EmailMessage
-from django.db import transaction
 from django.db.models import QuerySet
 from django.http import HttpRequest, HttpResponse
 from django.template.response import TemplateResponse
@@ -29,8 +28,6 @@ from django_xoauth2_mail import tokens, views
 from django_xoauth2_mail.backends import EmailBackend
 from django_xoauth2_mail.exceptions import XOAuth2MailError
 from django_xoauth2_mail.models import Mailbox, MailboxStatus
-from django_xoauth2_mail.providers import get_provider
-from django_xoauth2_mail.providers.base import TokenEndpointError
 
 TOKEN_FIELDS = ("refresh_token", "access_token", "token_version")
 SHOWN_FIELDS = (
@@ -240,9 +237,9 @@ class MailboxAdmin(_ModelAdmin):
         return TemplateResponse(request, f"{TEMPLATES}/disconnect_confirmation.html", context)
 
     def _disconnect(self, request: HttpRequest, mailbox: Mailbox) -> None:
-        refresh_token = wipe_tokens(mailbox)
+        refresh_token = tokens.wipe_tokens(mailbox)
         self.log_change(request, mailbox, "Disconnected: tokens wiped.")
-        if revoke_at_provider(mailbox.provider, refresh_token):
+        if tokens.revoke_at_provider(mailbox.provider, refresh_token):
             text = _("Disconnected %(email)s: its tokens are wiped and the provider revoked them.")
         else:
             text = _(
@@ -252,30 +249,3 @@ class MailboxAdmin(_ModelAdmin):
                 "settings at the provider."
             )
         self.message_user(request, text % {"email": mailbox.email}, messages.SUCCESS)
-
-
-def wipe_tokens(mailbox: Mailbox) -> str | None:
-    """Forget the tokens and mark the mailbox disconnected; return the refresh token.
-
-    Under the row lock that token refreshes take, so a refresh running right
-    now cannot write a new token back after the wipe (it sees the status).
-    """
-    with transaction.atomic():
-        locked = Mailbox.objects.select_for_update().get(pk=mailbox.pk)
-        refresh_token = locked.refresh_token
-        locked.refresh_token = None
-        locked.access_token = None
-        locked.access_token_expires_at = None
-        locked.status = MailboxStatus.DISCONNECTED
-        locked.save()
-    mailbox.refresh_from_db()
-    return refresh_token
-
-
-def revoke_at_provider(provider_id: str, refresh_token: str | None) -> bool:
-    if not refresh_token:
-        return False
-    try:
-        return get_provider(provider_id).revoke_token(refresh_token)
-    except (XOAuth2MailError, TokenEndpointError, OSError):
-        return False  # the tokens are gone here either way; the message says what to do

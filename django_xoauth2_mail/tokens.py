@@ -27,6 +27,7 @@ from django_xoauth2_mail.exceptions import (
     MailboxDisconnected,
     MailboxReconnectRequired,
     TokenRefreshError,
+    XOAuth2MailError,
 )
 from django_xoauth2_mail.models import Mailbox, MailboxStatus
 from django_xoauth2_mail.providers import get_provider
@@ -215,3 +216,35 @@ def _copy_token_state(source: Mailbox, target: Mailbox) -> None:
         "token_version",
     ):
         setattr(target, field, getattr(source, field))
+
+
+# Disconnecting, for the admin and disconnect_mailbox. -----------------------
+
+
+@sensitive_variables()
+def wipe_tokens(mailbox: Mailbox) -> str | None:
+    """Forget the tokens and mark the mailbox disconnected; return the refresh token.
+
+    Under the row lock that token refreshes take, so a refresh running right
+    now cannot write a new token back after the wipe (it sees the status).
+    """
+    with transaction.atomic():
+        locked = Mailbox.objects.select_for_update().get(pk=mailbox.pk)
+        refresh_token = locked.refresh_token
+        locked.refresh_token = None
+        locked.access_token = None
+        locked.access_token_expires_at = None
+        locked.status = MailboxStatus.DISCONNECTED
+        locked.save()
+    mailbox.refresh_from_db()
+    return refresh_token
+
+
+@sensitive_variables()
+def revoke_at_provider(provider_id: str, refresh_token: str | None) -> bool:
+    if not refresh_token:
+        return False
+    try:
+        return get_provider(provider_id).revoke_token(refresh_token)
+    except (XOAuth2MailError, TokenEndpointError, OSError):
+        return False  # the tokens are gone here either way; the message says what to do
