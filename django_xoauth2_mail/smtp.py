@@ -25,6 +25,7 @@ from aiosmtplib.auth import auth_xoauth2_encode
 from aiosmtplib.typing import Default
 from django.views.decorators.debug import sensitive_variables
 
+from django_xoauth2_mail.diagnostics import explain_auth_failure
 from django_xoauth2_mail.exceptions import SMTPAuthenticationFailed, SMTPConnectionFailed
 from django_xoauth2_mail.messages import Envelope
 from django_xoauth2_mail.providers.base import SMTPEndpoint
@@ -215,8 +216,6 @@ class SMTPSession:
             return
 
     def _auth_error(self, exc: XOAuth2Refused) -> SMTPAuthenticationFailed:
-        from django_xoauth2_mail.diagnostics import explain_auth_failure
-
         return SMTPAuthenticationFailed(
             explain_auth_failure(
                 self.username, self.endpoint, exc.code, exc.message, exc.challenge
