@@ -264,7 +264,7 @@ def make_message(mid: str, connection: Any = None, attachment: bytes | None = No
 
 def serialised(message: Any) -> tuple[str, list[str], bytes]:
     """What raw aiosmtplib gets: the running Django's bytes, made before the clock starts."""
-    from django_xoauth2_mail.messages import message_bytes
+    from django_xoauth2_mail.sending.messages import message_bytes
 
     return SENDER, list(message.recipients()), message_bytes(message)
 
@@ -294,8 +294,8 @@ async def raw_aiosmtplib_send(
 
 
 def close_kept_sessions() -> None:
-    from django_xoauth2_mail.loop import mail_loop
-    from django_xoauth2_mail.pool import pool
+    from django_xoauth2_mail.sending.loop import mail_loop
+    from django_xoauth2_mail.sending.pool import pool
 
     mail_loop.run(pool.close_all())
 

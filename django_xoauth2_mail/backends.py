@@ -25,7 +25,6 @@ from django.utils import timezone
 
 from django_xoauth2_mail import signals, tokens
 from django_xoauth2_mail.conf import conf
-from django_xoauth2_mail.dispatch import Dispatcher, MailboxJob, SendOptions
 from django_xoauth2_mail.exceptions import (
     ConfigurationError,
     MailboxNotFound,
@@ -33,11 +32,12 @@ from django_xoauth2_mail.exceptions import (
     SendError,
     XOAuth2MailError,
 )
-from django_xoauth2_mail.loop import event_loop_running_here, mail_loop, sync_worker
-from django_xoauth2_mail.messages import build_envelope, sender_candidates
 from django_xoauth2_mail.models import Mailbox, normalize_address
 from django_xoauth2_mail.providers import get_provider
-from django_xoauth2_mail.smtp import DeliveryResult
+from django_xoauth2_mail.sending.dispatch import Dispatcher, MailboxJob, SendOptions
+from django_xoauth2_mail.sending.loop import event_loop_running_here, mail_loop, sync_worker
+from django_xoauth2_mail.sending.messages import build_envelope, sender_candidates
+from django_xoauth2_mail.sending.session import DeliveryResult
 
 logger = logging.getLogger(__name__)
 T = TypeVar("T")

@@ -13,7 +13,7 @@ from django.conf import settings
 from django.core.checks import CheckMessage, Error, Tags, Warning, register
 
 from django_xoauth2_mail.conf import DEFAULTS, PROVIDER_IDS, SMTP_SECURITY_MODES
-from django_xoauth2_mail.smtp import is_loopback
+from django_xoauth2_mail.providers.base import is_loopback
 
 PROVIDER_KEYS = {
     "CLIENT_ID",

@@ -21,7 +21,7 @@ from django.template.response import TemplateResponse
 from django.urls import reverse
 from django.utils.translation import gettext as _
 
-from django_xoauth2_mail.consent import (
+from django_xoauth2_mail.consent.flows import (
     ConsentError,
     check_state,
     make_pkce_pair,

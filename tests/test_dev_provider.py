@@ -16,7 +16,7 @@ from django.utils import timezone
 
 from django_xoauth2_mail import signals
 from django_xoauth2_mail.checks import check_settings
-from django_xoauth2_mail.consent import make_pkce_pair, save_consent
+from django_xoauth2_mail.consent.flows import make_pkce_pair, save_consent
 from django_xoauth2_mail.exceptions import MailboxReconnectRequired
 from django_xoauth2_mail.models import Mailbox, MailboxStatus
 from django_xoauth2_mail.providers import get_provider

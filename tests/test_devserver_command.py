@@ -30,7 +30,7 @@ import pytest
 import requests
 from django.core.management import call_command
 
-from django_xoauth2_mail.consent import make_pkce_pair
+from django_xoauth2_mail.consent.flows import make_pkce_pair
 from django_xoauth2_mail.management.commands.xoauth2_devserver import Command
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -158,8 +158,8 @@ def test_settings_are_cleansed_on_the_error_page(settings, secret_client):
 
 
 def test_reprs_hold_no_token(mailbox, secret_client, oauth2_server):
-    from django_xoauth2_mail.messages import build_envelope
     from django_xoauth2_mail.providers.base import ConsentResult, TokenResult
+    from django_xoauth2_mail.sending.messages import build_envelope
 
     mailbox.access_token = "at-in-repr-11aa22bb"
     objects: list[Any] = [

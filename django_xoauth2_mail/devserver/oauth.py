@@ -22,6 +22,8 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any
 
+from django_xoauth2_mail.consent.http_server import ServerThread
+
 from .device import DeviceAuthorizations
 from .oauth_consent import CODE_LIFETIME, authorize
 from .oauth_grants import GRANT_TYPES, RESERVED_SCOPES, TokenGrants, issuer_url, pkce_s256, subject
@@ -35,7 +37,6 @@ from .oauth_http import (
     page,
 )
 from .oauth_store import Client, OAuth2Store
-from .threaded import ServerThread
 from .tls import check_loopback_host, server_ssl_context
 
 # OAuth2Error, pkce_s256 and CODE_LIFETIME were defined here before the split; importing

@@ -20,7 +20,7 @@ from http.server import BaseHTTPRequestHandler
 from typing import Any, Protocol
 from urllib.parse import parse_qs, urlencode, urlsplit
 
-from .threaded import BackgroundHTTPServer
+from django_xoauth2_mail.consent.http_server import BackgroundHTTPServer
 
 __all__ = [
     "HTTPServer",

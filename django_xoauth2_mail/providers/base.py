@@ -8,8 +8,10 @@ which the token layer turns into the user-facing ones.
 
 from __future__ import annotations
 
+import base64
 import dataclasses
 import datetime as dt
+import ipaddress
 import json
 from collections.abc import Iterable, Mapping
 from typing import Any, ClassVar, Literal
@@ -36,12 +38,30 @@ class TokenEndpointError(Exception):
         self.retryable = retryable
 
 
+class DeviceFlowDenied(TokenEndpointError):
+    """The person refused on the provider's page (``access_denied``)."""
+
+
+class DeviceFlowExpired(TokenEndpointError):
+    """Nobody approved in time: the code expired, or the caller's timeout passed."""
+
+
 @dataclasses.dataclass(frozen=True)
 class SMTPEndpoint:
     host: str
     port: int
     security: SMTPSecurity
     ca_file: str | None = None
+
+
+def is_loopback(host: str) -> bool:
+    """True for ``localhost`` and loopback IP addresses (clear text that stays on this host)."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
 
 @dataclasses.dataclass(frozen=True)
@@ -270,3 +290,19 @@ def parse_token_response(url: str, status: int, body: str) -> dict[str, Any]:
         f"the token endpoint {url} refused the refresh ({detail})",
         retryable=status >= 500 or status == 429,
     )
+
+
+def id_token_claims(id_token: Any) -> dict[str, Any]:
+    """The claims of an ID token received straight from the token endpoint.
+
+    Its signature is not checked: OpenID Connect Core 3.1.3.7 lets a client
+    trust an ID token it got directly from the token endpoint over TLS.
+    """
+    if not isinstance(id_token, str) or id_token.count(".") < 2:
+        return {}
+    payload = id_token.split(".")[1]
+    try:
+        claims = json.loads(base64.urlsafe_b64decode(payload + "=" * (-len(payload) % 4)))
+    except ValueError:
+        return {}
+    return claims if isinstance(claims, dict) else {}

@@ -35,10 +35,10 @@ from django_xoauth2_mail.providers.base import (
     TokenResult,
     authorization_request_url,
     expiry_from,
+    id_token_claims,
     json_object,
     post_token_request,
 )
-from django_xoauth2_mail.providers.oauth2 import id_token_claims
 
 MAIL_SCOPE = "https://mail.google.com/"
 DEFAULTS = {

@@ -28,11 +28,12 @@ from msal.authority import WELL_KNOWN_AUTHORITY_HOSTS
 from msal.exceptions import MsalServiceError
 
 from django_xoauth2_mail.conf import conf
-from django_xoauth2_mail.device_flow import DeviceFlowDenied, DeviceFlowExpired
 from django_xoauth2_mail.exceptions import ConfigurationError
 from django_xoauth2_mail.providers.base import (
     ConsentResult,
     DeviceFlow,
+    DeviceFlowDenied,
+    DeviceFlowExpired,
     GrantRevoked,
     Provider,
     SMTPEndpoint,

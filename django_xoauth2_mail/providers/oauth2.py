@@ -2,15 +2,13 @@
 
 from __future__ import annotations
 
-import base64
-import json
 from typing import Any, ClassVar
 
 import requests
 from django.views.decorators.debug import sensitive_variables
 
-from django_xoauth2_mail import device_flow
 from django_xoauth2_mail.conf import conf
+from django_xoauth2_mail.providers import device_grant
 from django_xoauth2_mail.providers.base import (
     ConsentResult,
     DeviceFlow,
@@ -19,6 +17,7 @@ from django_xoauth2_mail.providers.base import (
     TokenResult,
     authorization_request_url,
     expiry_from,
+    id_token_claims,
     post_token_request,
 )
 
@@ -108,13 +107,13 @@ class OAuth2Provider(Provider):
 
     def start_device_flow(self) -> DeviceFlow:
         url = self._setting("DEVICE_AUTHORIZATION_URL")
-        return device_flow.start(url, self.scopes, self._client_auth())
+        return device_grant.start(url, self.scopes, self._client_auth())
 
     @sensitive_variables()
     def finish_device_flow(self, flow: DeviceFlow, *, timeout: float) -> ConsentResult:
         token_url, auth = self._setting("TOKEN_URL"), self._client_auth()
-        payload = device_flow.poll(token_url, flow, auth, timeout=timeout)
-        return device_flow.consent_result(payload, self._email_of(payload))
+        payload = device_grant.poll(token_url, flow, auth, timeout=timeout)
+        return device_grant.consent_result(payload, self._email_of(payload))
 
     @sensitive_variables()
     def revoke_token(self, token: str) -> bool:
@@ -127,19 +126,3 @@ class OAuth2Provider(Provider):
         except requests.RequestException:
             return False
         return response.ok
-
-
-def id_token_claims(id_token: Any) -> dict[str, Any]:
-    """The claims of an ID token received straight from the token endpoint.
-
-    Its signature is not checked: OpenID Connect Core 3.1.3.7 lets a client
-    trust an ID token it got directly from the token endpoint over TLS.
-    """
-    if not isinstance(id_token, str) or id_token.count(".") < 2:
-        return {}
-    payload = id_token.split(".")[1]
-    try:
-        claims = json.loads(base64.urlsafe_b64decode(payload + "=" * (-len(payload) % 4)))
-    except ValueError:
-        return {}
-    return claims if isinstance(claims, dict) else {}

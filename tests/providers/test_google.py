@@ -9,7 +9,7 @@ import pytest
 import requests
 from django.core import mail
 
-from django_xoauth2_mail.consent import make_pkce_pair, make_state, save_consent
+from django_xoauth2_mail.consent.flows import make_pkce_pair, make_state, save_consent
 from django_xoauth2_mail.exceptions import (
     ConfigurationError,
     MailboxReconnectRequired,

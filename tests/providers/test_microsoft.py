@@ -10,15 +10,19 @@ from urllib.parse import parse_qs, urlsplit
 import pytest
 from django.core import mail
 
-from django_xoauth2_mail.consent import make_pkce_pair, make_state, save_consent
-from django_xoauth2_mail.device_flow import DeviceFlowDenied, DeviceFlowExpired
+from django_xoauth2_mail.consent.flows import make_pkce_pair, make_state, save_consent
 from django_xoauth2_mail.exceptions import (
     ConfigurationError,
     MailboxReconnectRequired,
     TokenRefreshError,
 )
 from django_xoauth2_mail.models import Mailbox, MailboxStatus
-from django_xoauth2_mail.providers.base import GrantRevoked, TokenEndpointError
+from django_xoauth2_mail.providers.base import (
+    DeviceFlowDenied,
+    DeviceFlowExpired,
+    GrantRevoked,
+    TokenEndpointError,
+)
 from django_xoauth2_mail.providers.microsoft import MicrosoftProvider
 from tests.conftest import SENDER
 from tests.providers.conftest import PUBLIC_CLIENT_ID, SMTP_SEND, approve, make_mailbox

@@ -11,17 +11,17 @@ from django.core.management.base import BaseCommand, CommandError
 from django.db import transaction
 from django.utils import timezone
 
-from django_xoauth2_mail.cli import (
+from django_xoauth2_mail.conf import PROVIDER_IDS
+from django_xoauth2_mail.consent.cli import (
     LoopbackOptions,
     check_smtp_login,
     command_errors,
-    consent_by_device,
     consent_by_loopback,
     describe_expiry,
     describe_moment,
 )
-from django_xoauth2_mail.conf import PROVIDER_IDS
-from django_xoauth2_mail.consent import ConsentError, resolve_email, save_consent
+from django_xoauth2_mail.consent.device_flow import consent_by_device
+from django_xoauth2_mail.consent.flows import ConsentError, resolve_email, save_consent
 from django_xoauth2_mail.exceptions import XOAuth2MailError
 from django_xoauth2_mail.models import Mailbox, MailboxStatus, normalize_address
 from django_xoauth2_mail.providers import get_provider

@@ -7,7 +7,7 @@ from typing import Any
 
 from django.core.management.base import BaseCommand
 
-from django_xoauth2_mail.cli import command_errors, find_mailbox
+from django_xoauth2_mail.consent.cli import command_errors, find_mailbox
 from django_xoauth2_mail.exceptions import XOAuth2MailError
 from django_xoauth2_mail.models import Mailbox
 from django_xoauth2_mail.providers import get_provider_class

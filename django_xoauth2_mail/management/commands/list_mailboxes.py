@@ -6,7 +6,7 @@ from typing import Any
 
 from django.core.management.base import BaseCommand
 
-from django_xoauth2_mail.cli import describe_expiry, describe_moment, format_table
+from django_xoauth2_mail.consent.cli import describe_expiry, describe_moment, format_table
 from django_xoauth2_mail.models import Mailbox, MailboxStatus
 
 HEADERS = ("ADDRESS", "PROVIDER", "STATUS", "ACCESS TOKEN", "LAST SEND", "LAST ERROR")

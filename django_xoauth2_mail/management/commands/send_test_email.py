@@ -10,7 +10,7 @@ from django.core.management.base import BaseCommand, CommandError
 from django.utils import timezone
 
 from django_xoauth2_mail.backends import EmailBackend
-from django_xoauth2_mail.cli import command_errors, describe_moment, find_mailbox
+from django_xoauth2_mail.consent.cli import command_errors, describe_moment, find_mailbox
 from django_xoauth2_mail.exceptions import XOAuth2MailError
 from django_xoauth2_mail.providers import get_provider
 

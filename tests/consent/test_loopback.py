@@ -8,7 +8,7 @@ import socket
 import pytest
 import requests
 
-from django_xoauth2_mail.loopback import (
+from django_xoauth2_mail.consent.loopback import (
     Answer,
     AnswerInbox,
     LoopbackServer,

@@ -181,7 +181,7 @@ def test_a_large_message_goes_out_in_pieces_intact(
 
 
 def test_tls_contexts_are_shared_per_ca_file(tls_certificate):
-    from django_xoauth2_mail.smtp import tls_context_for
+    from django_xoauth2_mail.sending.session import tls_context_for
 
     certfile, _ = tls_certificate
     assert tls_context_for(certfile) is tls_context_for(certfile)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import base64
 import hashlib
 import secrets
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from django.db import transaction
@@ -85,3 +86,11 @@ def save_consent(provider_id: str, result: ConsentResult, requested_email: str |
         mailbox.token_version += 1
         mailbox.save()
     return mailbox
+
+
+Say = Callable[[str], None]  # prints one line for the person, at once
+
+
+def as_clause(exc: BaseException) -> str:
+    """An exception's message, fit to sit inside a sentence."""
+    return str(exc).strip().rstrip(".")

@@ -1,7 +1,7 @@
 """The mail-loop side of a send: SMTP sessions per mailbox, where they come
 from (held by an open backend, kept alive in the process pool, or fresh),
 and how one mailbox's messages are spread over up to ``max_connections``
-of them. Everything here runs on the mail loop (loop.py)."""
+of them. Everything here runs on the mail loop (sending/loop.py)."""
 
 from __future__ import annotations
 
@@ -15,13 +15,13 @@ from django.views.decorators.debug import sensitive_variables
 from django_xoauth2_mail import tokens
 from django_xoauth2_mail.conf import conf
 from django_xoauth2_mail.exceptions import SendError
-from django_xoauth2_mail.loop import run_orm
-from django_xoauth2_mail.messages import Envelope
 from django_xoauth2_mail.models import Mailbox
-from django_xoauth2_mail.pool import pool
 from django_xoauth2_mail.providers.base import SMTPEndpoint
-from django_xoauth2_mail.ratelimit import limiter_for
-from django_xoauth2_mail.smtp import DeliveryResult, SMTPSession
+from django_xoauth2_mail.sending.loop import run_orm
+from django_xoauth2_mail.sending.messages import Envelope
+from django_xoauth2_mail.sending.pool import pool
+from django_xoauth2_mail.sending.ratelimit import limiter_for
+from django_xoauth2_mail.sending.session import DeliveryResult, SMTPSession
 
 
 @dataclass(frozen=True)

@@ -1,6 +1,6 @@
 """Kept-alive SMTP sessions, reused across send_messages() calls (opt-in).
 
-The pool lives on the mail loop (loop.py), so a session is never shared
+The pool lives on the mail loop (sending/loop.py), so a session is never shared
 between event loops, and threads never touch it directly. An idle session
 is checked with NOOP before reuse only when it has idled long enough for a
 server to have dropped it; otherwise a dead connection is noticed by the
@@ -16,8 +16,8 @@ from collections.abc import Callable, Hashable
 
 import aiosmtplib
 
-from django_xoauth2_mail.loop import mail_loop
-from django_xoauth2_mail.smtp import SMTPSession
+from django_xoauth2_mail.sending.loop import mail_loop
+from django_xoauth2_mail.sending.session import SMTPSession
 
 # After this many idle seconds a session is checked with NOOP before reuse.
 CHECK_AFTER_IDLE = 15.0

@@ -24,7 +24,7 @@ from http.server import BaseHTTPRequestHandler
 from typing import Any, TextIO
 from urllib.parse import parse_qs, unquote, urlsplit
 
-from django_xoauth2_mail.devserver.threaded import BackgroundHTTPServer, ServerThread
+from django_xoauth2_mail.consent.http_server import BackgroundHTTPServer, ServerThread
 
 __all__ = ["Answer", "AnswerInbox", "LoopbackServer", "parse_pasted", "start_paste_reader"]
 

@@ -21,6 +21,8 @@ from django_xoauth2_mail.exceptions import ConfigurationError
 from django_xoauth2_mail.providers.base import (
     ConsentResult,
     DeviceFlow,
+    DeviceFlowDenied,
+    DeviceFlowExpired,
     TokenEndpointError,
     expiry_from,
     json_object,
@@ -35,14 +37,6 @@ SLOW_DOWN_STEP = 5.0
 MIN_INTERVAL = 1.0
 # Section 3.5 asks for exponential back-off after a connection timeout; this caps it.
 MAX_BACKOFF = 60.0
-
-
-class DeviceFlowDenied(TokenEndpointError):
-    """The person refused on the provider's page (``access_denied``)."""
-
-
-class DeviceFlowExpired(TokenEndpointError):
-    """Nobody approved in time: the code expired, or the caller's timeout passed."""
 
 
 @sensitive_variables()

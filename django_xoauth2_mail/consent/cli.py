@@ -1,6 +1,6 @@
-"""What the management commands share: the two consent flows (a loopback redirect that
-also accepts a pasted answer, and the device flow), the SMTP login check, and output
-formatting.
+"""What the management commands share: the loopback consent flow (a redirect to this
+machine that also accepts a pasted answer), the SMTP login check, and output formatting.
+The device flow is in :mod:`~django_xoauth2_mail.consent.device_flow`.
 
 Errors are raised as :class:`~django_xoauth2_mail.exceptions.XOAuth2MailError` with a
 message that says what happened and what to do; :func:`command_errors` turns them into
@@ -13,7 +13,7 @@ import datetime as dt
 import os
 import sys
 import webbrowser
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import TextIO
@@ -26,11 +26,21 @@ from django.views.decorators.debug import sensitive_variables
 
 from django_xoauth2_mail import tokens
 from django_xoauth2_mail.conf import conf
-from django_xoauth2_mail.consent import ConsentError, check_state, make_pkce_pair, make_state
-from django_xoauth2_mail.device_flow import DeviceFlowDenied, DeviceFlowExpired
+from django_xoauth2_mail.consent.flows import (
+    ConsentError,
+    Say,
+    as_clause,
+    check_state,
+    make_pkce_pair,
+    make_state,
+)
+from django_xoauth2_mail.consent.loopback import (
+    Answer,
+    AnswerInbox,
+    LoopbackServer,
+    start_paste_reader,
+)
 from django_xoauth2_mail.exceptions import MailboxNotFound, XOAuth2MailError
-from django_xoauth2_mail.loop import mail_loop, run_orm
-from django_xoauth2_mail.loopback import Answer, AnswerInbox, LoopbackServer, start_paste_reader
 from django_xoauth2_mail.models import Mailbox, normalize_address
 from django_xoauth2_mail.providers import get_provider
 from django_xoauth2_mail.providers.base import (
@@ -40,9 +50,8 @@ from django_xoauth2_mail.providers.base import (
     SMTPEndpoint,
     TokenEndpointError,
 )
-from django_xoauth2_mail.smtp import SMTPSession
-
-Say = Callable[[str], None]  # prints one line for the person, at once
+from django_xoauth2_mail.sending.loop import mail_loop, run_orm
+from django_xoauth2_mail.sending.session import SMTPSession
 
 
 @contextmanager
@@ -63,11 +72,6 @@ def find_mailbox(address: str) -> Mailbox:
             "connects it."
         )
     return mailbox
-
-
-def _clause(exc: BaseException) -> str:
-    """An exception's message, fit to sit inside a sentence."""
-    return str(exc).strip().rstrip(".")
 
 
 # The loopback flow ----------------------------------------------------------------
@@ -217,48 +221,10 @@ def _exchange(
         )
     except (GrantRevoked, TokenEndpointError) as exc:
         raise ConsentError(
-            f"The provider did not accept the authorization code ({_clause(exc)}). Nothing "
+            f"The provider did not accept the authorization code ({as_clause(exc)}). Nothing "
             "was saved; run the command again (a code works once, for the run that asked "
             f"for it). If it fails again, check the client secret and that {redirect_uri} "
             "is an allowed redirect URI."
-        ) from None
-
-
-# The device flow --------------------------------------------------------------------
-
-
-def consent_by_device(provider: Provider, timeout: float, say: Say) -> ConsentResult:
-    """RFC 8628: show a code to enter at the provider's page, poll until it is done."""
-    try:
-        flow = provider.start_device_flow()
-    except (GrantRevoked, TokenEndpointError) as exc:
-        raise ConsentError(
-            f"{provider.name} did not start the device sign-in ({_clause(exc)}). Nothing was "
-            "saved; fix that and run the command again, or connect with --loopback."
-        ) from None
-    say("Open this address in a browser on any device:")
-    say("")
-    say(flow.verification_uri)
-    say("")
-    say(f"enter the code {flow.user_code}, sign in with the account that should send mail")
-    say("and allow access.")
-    complete = flow.state.get("verification_uri_complete")
-    if complete:
-        say(f"(Or open {complete}, which has the code filled in.)")
-    left = (flow.expires_at - timezone.now()).total_seconds()
-    say(f"Waiting up to {max(0, min(timeout, left)):.0f} s for the sign-in (Ctrl-C cancels).")
-    try:
-        return provider.finish_device_flow(flow, timeout=timeout)
-    except DeviceFlowDenied:
-        raise ConsentError(
-            f"The sign-in with code {flow.user_code} was refused (access_denied). Nothing "
-            "was saved. To connect the mailbox, run the command again and allow access."
-        ) from None
-    except (GrantRevoked, TokenEndpointError) as exc:
-        hint = " with a longer --timeout" if isinstance(exc, DeviceFlowExpired) else ""
-        raise ConsentError(
-            f"The device sign-in did not finish ({_clause(exc)}). Nothing was saved; run "
-            f"the command again{hint}."
         ) from None
 
 

@@ -13,7 +13,7 @@ from django.core.mail.backends.smtp import EmailBackend as DjangoSMTPBackend
 
 from django_xoauth2_mail.backends import EmailBackend
 from django_xoauth2_mail.exceptions import InvalidMessage
-from django_xoauth2_mail.messages import build_envelope
+from django_xoauth2_mail.sending.messages import build_envelope
 from tests.conftest import SENDER, make_mailbox
 from tests.sink import PlainSMTPSink
 

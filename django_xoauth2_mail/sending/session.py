@@ -11,7 +11,6 @@ from __future__ import annotations
 import asyncio
 import base64
 import functools
-import ipaddress
 import json
 import logging
 import os
@@ -25,12 +24,12 @@ from aiosmtplib.auth import auth_xoauth2_encode
 from aiosmtplib.typing import Default
 from django.views.decorators.debug import sensitive_variables
 
-from django_xoauth2_mail.diagnostics import explain_auth_failure
 from django_xoauth2_mail.exceptions import SMTPAuthenticationFailed, SMTPConnectionFailed
-from django_xoauth2_mail.messages import Envelope
-from django_xoauth2_mail.providers.base import SMTPEndpoint
-from django_xoauth2_mail.ratelimit import SlidingWindowLimiter
-from django_xoauth2_mail.transaction import (
+from django_xoauth2_mail.providers.base import SMTPEndpoint, is_loopback
+from django_xoauth2_mail.sending.diagnostics import explain_auth_failure
+from django_xoauth2_mail.sending.messages import Envelope
+from django_xoauth2_mail.sending.ratelimit import SlidingWindowLimiter
+from django_xoauth2_mail.sending.transaction import (
     TRANSIENT_CODES,
     ConnectionLostBeforeData,
     TransactionResult,
@@ -121,15 +120,6 @@ class DeliveryResult:
     refused: dict[str, tuple[int, str]] = field(default_factory=dict)
     error: str | None = None
     undetermined: bool = False
-
-
-def is_loopback(host: str) -> bool:
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
 
 
 class SMTPSession:

@@ -10,12 +10,12 @@ from django.core.mail import EmailMessage
 from django.db import connection
 from django.test.utils import CaptureQueriesContext
 
-from django_xoauth2_mail import ratelimit
 from django_xoauth2_mail.backends import EmailBackend
 from django_xoauth2_mail.devserver.smtp import DROP
 from django_xoauth2_mail.exceptions import ConfigurationError
-from django_xoauth2_mail.loop import mail_loop
-from django_xoauth2_mail.pool import pool
+from django_xoauth2_mail.sending import ratelimit
+from django_xoauth2_mail.sending.loop import mail_loop
+from django_xoauth2_mail.sending.pool import pool
 from tests.conftest import SENDER
 
 pytestmark = pytest.mark.django_db(transaction=True)

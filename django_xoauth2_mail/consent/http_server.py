@@ -1,7 +1,7 @@
 """A ``ThreadingHTTPServer`` served from a named daemon thread, started and stopped reliably.
 
 Shared by the development OAuth2 server (oauth.py) and ``connect_mailbox``'s loopback
-redirect receiver (``django_xoauth2_mail.loopback``): both listen at once, so the port is
+redirect receiver (``django_xoauth2_mail.consent.loopback``): both listen at once, so the port is
 known before anyone is told to use it, and serve from daemon threads, so a server left
 running never keeps the process alive. Plain stdlib, like the rest of ``devserver``.
 """
