@@ -21,6 +21,7 @@ import django
 from asgiref.sync import sync_to_async
 from django.core.mail import EmailMessage
 from django.core.mail.backends.base import BaseEmailBackend
+from django.db import router, transaction
 from django.utils import timezone
 
 from django_xoauth2_mail import signals, tokens
@@ -35,7 +36,11 @@ from django_xoauth2_mail.exceptions import (
 from django_xoauth2_mail.models import Mailbox, normalize_address
 from django_xoauth2_mail.providers import get_provider
 from django_xoauth2_mail.sending.dispatch import Dispatcher, MailboxJob, SendOptions
-from django_xoauth2_mail.sending.loop import event_loop_running_here, mail_loop, sync_worker
+from django_xoauth2_mail.sending.loop import (
+    event_loop_running_here,
+    mail_loop,
+    run_blocking_in_worker,
+)
 from django_xoauth2_mail.sending.messages import build_envelope, sender_candidates
 from django_xoauth2_mail.sending.session import DeliveryResult
 
@@ -52,6 +57,8 @@ LAST_SENT_RESOLUTION = dt.timedelta(seconds=60)
 class _Batch:
     messages: Sequence[EmailMessage]
     jobs: dict[int, MailboxJob] = field(default_factory=dict)  # by mailbox pk
+    # Messages that no mailbox can send (their sender has none): failed, not sent.
+    unsendable: dict[int, Exception] = field(default_factory=dict)
 
 
 class EmailBackend(BaseEmailBackend):
@@ -142,7 +149,7 @@ class EmailBackend(BaseEmailBackend):
         if event_loop_running_here():
             # An async view called send_mail(): Django forbids the ORM in this
             # thread, so do the (blocking, by contract) work in a worker thread.
-            return sync_worker.submit(function, *args).result()
+            return run_blocking_in_worker(function, *args)
         return function(*args)
 
     def _send_blocking(self, messages: Sequence[EmailMessage]) -> int:
@@ -162,9 +169,11 @@ class EmailBackend(BaseEmailBackend):
                 logger.warning(
                     "Message #%d (%r) has no recipients: not sent.", index, message.subject
                 )
-        mailboxes = self._pick_mailboxes({i: messages[i] for i in envelopes})
+        mailboxes = self._pick_mailboxes({i: messages[i] for i in envelopes}, batch)
         for index, envelope in envelopes.items():
-            mailbox = mailboxes[index]
+            mailbox = mailboxes.get(index)
+            if mailbox is None:
+                continue
             job = batch.jobs.get(mailbox.pk)
             if job is None:
                 provider = get_provider(mailbox.provider)
@@ -179,7 +188,10 @@ class EmailBackend(BaseEmailBackend):
             self._get_ready(batch, job)
         return batch
 
-    def _pick_mailboxes(self, messages: dict[int, EmailMessage]) -> dict[int, Mailbox]:
+    def _pick_mailboxes(
+        self, messages: dict[int, EmailMessage], batch: _Batch
+    ) -> dict[int, Mailbox]:
+        """Each message's Mailbox; one whose sender has none fails alone (in ``batch``)."""
         candidates = {index: list(sender_candidates(m)) for index, m in messages.items()}
         fallbacks = [normalize_address(a) for a in (self.mailbox, conf.DEFAULT_MAILBOX) if a]
         wanted = {address for addresses in candidates.values() for address in addresses}
@@ -191,15 +203,19 @@ class EmailBackend(BaseEmailBackend):
                     chosen[index] = known[address]
                     break
             else:
-                raise MailboxNotFound(
+                error = MailboxNotFound(
                     f"No mailbox can send message #{index} from "
                     f"{messages[index].from_email!r}: no Mailbox has that address"
                     + (f" nor the fallback {', '.join(fallbacks)}" if fallbacks else "")
                     + ". Connect one with `python manage.py connect_mailbox <provider>`, or name "
                     "an existing one in the backend's 'mailbox' option or "
-                    "XOAUTH2_MAIL['DEFAULT_MAILBOX']. Nothing was sent from this call.",
+                    "XOAUTH2_MAIL['DEFAULT_MAILBOX']. This message was not sent.",
                     mailbox=addresses[0] if addresses else None,
                 )
+                # Loud even under fail_silently (AdminEmailHandler sends with it from
+                # SERVER_EMAIL): a site that cannot send its error reports must hear of it.
+                logger.error("%s", error)
+                batch.unsendable[index] = error
         return chosen
 
     def _get_ready(self, batch: _Batch, job: MailboxJob) -> None:
@@ -212,23 +228,42 @@ class EmailBackend(BaseEmailBackend):
                 job.errors[index] = exc
             job.items = []
             return
-        for index, _ in job.items:
-            signals.pre_send.send(
-                sender=type(self), message=batch.messages[index], mailbox=job.mailbox
-            )
+        ready = []
+        for index, envelope in job.items:
+            try:
+                signals.pre_send.send(
+                    sender=type(self), message=batch.messages[index], mailbox=job.mailbox
+                )
+            except Exception as exc:  # the signal's contract: that message fails, alone
+                logger.warning("A pre_send receiver failed message #%d: %r", index, exc)
+                job.errors[index] = exc
+            else:
+                ready.append((index, envelope))
+        job.items = ready
 
     # Phase 3: finish (caller's thread) ----------------------------------------
 
     def _finish(self, batch: _Batch) -> int:
+        """Tell the truth about every message: the count, ``post_send``, the exception.
+
+        Runs whatever happened on the mail loop (the dispatcher records failures
+        per message instead of raising), so a failure mid-batch never hides what
+        the server had already accepted.
+        """
         sent = 0
-        errors: dict[int, Exception] = {}
+        errors: dict[int, Exception] = dict(batch.unsendable)
         results: dict[int, DeliveryResult] = {}
+        for index, error in sorted(batch.unsendable.items()):
+            self._post_send(batch.messages[index], None, DeliveryResult(error=str(error)))
         for job in batch.jobs.values():
-            errors.update(job.errors)
             results.update(job.results)
-            for index, result in sorted(job.results.items()):
-                if result.error or result.refused:
-                    errors.setdefault(index, _result_error(index, job.mailbox, result))
+            outcomes = {index: DeliveryResult(error=str(e)) for index, e in job.errors.items()}
+            outcomes.update(job.results)
+            for index, result in sorted(outcomes.items()):
+                if index in job.errors:
+                    errors[index] = job.errors[index]
+                elif result.error or result.refused:
+                    errors[index] = _result_error(index, job.mailbox, result)
                 self._post_send(batch.messages[index], job.mailbox, result)
             delivered = sum(result.delivered for result in job.results.values())
             if delivered:
@@ -239,7 +274,7 @@ class EmailBackend(BaseEmailBackend):
         return sent
 
     @staticmethod
-    def _post_send(message: EmailMessage, mailbox: Mailbox, result: DeliveryResult) -> None:
+    def _post_send(message: EmailMessage, mailbox: Mailbox | None, result: DeliveryResult) -> None:
         signals.post_send.send(
             sender=EmailBackend,
             message=message,
@@ -255,8 +290,14 @@ class EmailBackend(BaseEmailBackend):
         now = timezone.now()
         if mailbox.last_sent_at and now - mailbox.last_sent_at < LAST_SENT_RESOLUTION:
             return
-        Mailbox.objects.filter(pk=mailbox.pk).update(last_sent_at=now)
         mailbox.last_sent_at = now
+        # After the caller's transaction, if it has one: an UPDATE inside it would
+        # hold the Mailbox row (which token refreshes lock) until the caller commits.
+        transaction.on_commit(
+            lambda: Mailbox.objects.filter(pk=mailbox.pk).update(last_sent_at=now),
+            using=router.db_for_write(Mailbox),
+            robust=True,
+        )
 
     def _raise(
         self,
@@ -275,8 +316,9 @@ class EmailBackend(BaseEmailBackend):
             for index, error in sorted(errors.items())
         ]
         distinct = list({id(error): error for error in errors.values()}.values())
-        if len(distinct) == 1:
-            # One cause (e.g. the mailbox must be reconnected): raise it as is.
+        if len(distinct) == 1 and (sent == 0 or isinstance(distinct[0], SendError)):
+            # One cause and nothing delivered (e.g. the mailbox must be reconnected):
+            # raise it as is; once something was delivered, SendError carries the count.
             error = distinct[0]
         else:
             error = SendError(

@@ -32,8 +32,23 @@ class EncryptionKeyError(ConfigurationError):
     """A stored token cannot be decrypted with the configured keys."""
 
 
-class MailboxNotFound(ConfigurationError, LookupError):
-    """No connected Mailbox matches the message's sender."""
+class MailboxNotFound(XOAuth2MailError, smtplib.SMTPSenderRefused, LookupError):
+    """No Mailbox can send from the message's sender.
+
+    It stands where Django's SMTP backend raised ``SMTPSenderRefused`` (a server
+    refusing the From address): a failure of that message, which
+    ``fail_silently`` suppresses and queue clients (django-mailer) defer.
+    """
+
+    def __init__(self, message: str, *, mailbox: str | None = None) -> None:
+        # Not super(): SMTPSenderRefused.__init__ takes (code, msg, sender) and would
+        # make str(error) a tuple; the message stays the one actionable sentence.
+        Exception.__init__(self, message)
+        self.mailbox = mailbox
+        # SMTPSenderRefused's attributes, for code that reads them.
+        self.smtp_code = 550
+        self.smtp_error = message.encode()
+        self.sender = mailbox or ""
 
 
 class InvalidMessage(XOAuth2MailError, ValueError):

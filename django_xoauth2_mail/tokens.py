@@ -11,6 +11,7 @@ a database row lock, so it dies with the transaction if the process dies.
 from __future__ import annotations
 
 import logging
+import os
 import threading
 import time
 from collections import defaultdict
@@ -25,6 +26,7 @@ from django_xoauth2_mail import signals
 from django_xoauth2_mail.conf import conf
 from django_xoauth2_mail.exceptions import (
     MailboxDisconnected,
+    MailboxNotFound,
     MailboxReconnectRequired,
     TokenRefreshError,
     XOAuth2MailError,
@@ -38,6 +40,17 @@ logger = logging.getLogger(__name__)
 _thread_locks: defaultdict[int, threading.Lock] = defaultdict(threading.Lock)
 _thread_locks_guard = threading.Lock()
 
+
+def _new_locks_after_fork() -> None:
+    # A lock held by one of the parent's threads at fork() would stay held for
+    # ever in the child, where that thread does not exist.
+    global _thread_locks_guard
+    _thread_locks_guard = threading.Lock()
+    _thread_locks.clear()
+
+
+os.register_at_fork(after_in_child=_new_locks_after_fork)
+
 # Seconds to wait before each retry of a refresh that failed for a temporary reason.
 RETRY_BACKOFF = (0.5, 2.0, 5.0)
 
@@ -45,6 +58,21 @@ RETRY_BACKOFF = (0.5, 2.0, 5.0)
 def _thread_lock(mailbox_pk: int) -> threading.Lock:
     with _thread_locks_guard:
         return _thread_locks[mailbox_pk]
+
+
+def locked_mailbox(using: str | None = None, **lookup: object) -> Mailbox | None:
+    """The Mailbox matching ``lookup``, locked against every other writer of its
+    tokens until the surrounding ``transaction.atomic`` ends (None if there is none).
+
+    The one way refreshes, consents and wipes take that lock: PostgreSQL's row
+    lock; SQLite ignores ``FOR UPDATE``, so there a no-op write takes the
+    database write lock, which serialises other processes the same way.
+    """
+    using = using or router.db_for_write(Mailbox)
+    queryset = Mailbox.objects.using(using).filter(**lookup)
+    if connections[using].vendor == "sqlite":
+        queryset.update(token_version=F("token_version"))
+    return queryset.select_for_update().first()
 
 
 def ensure_sendable(mailbox: Mailbox) -> None:
@@ -110,13 +138,12 @@ class _Outcome:
 def _refresh_under_row_lock(mailbox: Mailbox, rejected_token: str | None) -> _Outcome:
     using = router.db_for_write(Mailbox, instance=mailbox)
     with transaction.atomic(using=using):
-        if connections[using].vendor == "sqlite":
-            # SQLite ignores SELECT ... FOR UPDATE; a no-op write takes its
-            # database write lock, which serialises other processes the same way.
-            Mailbox.objects.using(using).filter(pk=mailbox.pk).update(
-                token_version=F("token_version")
+        locked = locked_mailbox(using, pk=mailbox.pk)
+        if locked is None:
+            raise MailboxNotFound(
+                f"The mailbox {mailbox.email} was deleted while mail was being sent from it.",
+                mailbox=mailbox.email,
             )
-        locked = Mailbox.objects.using(using).select_for_update().get(pk=mailbox.pk)
         _copy_token_state(locked, mailbox)
         if locked.status != MailboxStatus.CONNECTED or _usable(locked, rejected_token):
             return _Outcome()  # someone else refreshed, or the mailbox is unusable
@@ -229,7 +256,9 @@ def wipe_tokens(mailbox: Mailbox) -> str | None:
     now cannot write a new token back after the wipe (it sees the status).
     """
     with transaction.atomic():
-        locked = Mailbox.objects.select_for_update().get(pk=mailbox.pk)
+        locked = locked_mailbox(pk=mailbox.pk)
+        if locked is None:
+            return None
         refresh_token = locked.refresh_token
         locked.refresh_token = None
         locked.access_token = None

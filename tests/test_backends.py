@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import datetime as dt
 import email
+import smtplib
 import threading
 from typing import Any
 
@@ -167,11 +168,12 @@ def test_mailbox_option_and_default_mailbox_are_fallbacks(settings, mailbox, xoa
     assert [m.auth_user for m in xoauth2_smtp_server.messages] == [SENDER, SENDER]
 
 
-def test_unknown_sender_raises_mailbox_not_found_before_sending(mailbox, xoauth2_smtp_server):
+def test_unknown_sender_raises_mailbox_not_found(mailbox, xoauth2_smtp_server):
     with pytest.raises(MailboxNotFound) as caught:
-        mail.send_mail("Hi", "Body", "nobody@example.com", ["to@example.org"], fail_silently=True)
+        mail.send_mail("Hi", "Body", "nobody@example.com", ["to@example.org"])
     assert "nobody@example.com" in str(caught.value)
     assert "connect_mailbox" in str(caught.value)
+    assert isinstance(caught.value, smtplib.SMTPSenderRefused)  # what Django's backend raised
     assert xoauth2_smtp_server.messages == []
 
 

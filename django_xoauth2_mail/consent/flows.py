@@ -13,6 +13,7 @@ from django.db import transaction
 from django.utils import timezone
 from django.views.decorators.debug import sensitive_variables
 
+from django_xoauth2_mail import tokens
 from django_xoauth2_mail.exceptions import XOAuth2MailError
 from django_xoauth2_mail.models import Mailbox, MailboxStatus, normalize_address
 from django_xoauth2_mail.providers.base import ConsentResult
@@ -70,9 +71,7 @@ def save_consent(provider_id: str, result: ConsentResult, requested_email: str |
     """Create or re-authorise the Mailbox, clearing any reconnect-required flag."""
     email = resolve_email(result, requested_email)
     with transaction.atomic():
-        mailbox = Mailbox.objects.select_for_update().filter(email=email).first() or Mailbox(
-            email=email
-        )
+        mailbox = tokens.locked_mailbox(email=email) or Mailbox(email=email)
         mailbox.provider = provider_id
         mailbox.access_token = result.access_token
         mailbox.access_token_expires_at = result.expires_at

@@ -6,6 +6,7 @@ of them. Everything here runs on the mail loop (sending/loop.py)."""
 from __future__ import annotations
 
 import asyncio
+import os
 from collections.abc import Hashable
 from dataclasses import dataclass, field
 
@@ -14,7 +15,6 @@ from django.views.decorators.debug import sensitive_variables
 
 from django_xoauth2_mail import tokens
 from django_xoauth2_mail.conf import conf
-from django_xoauth2_mail.exceptions import SendError
 from django_xoauth2_mail.models import Mailbox
 from django_xoauth2_mail.providers.base import SMTPEndpoint
 from django_xoauth2_mail.sending.loop import run_orm
@@ -56,13 +56,30 @@ class Dispatcher:
         self.options = options
         self.holding = False
         self._held: dict[Hashable, list[SMTPSession]] = {}
+        self._pid = os.getpid()
 
     @property
     def holds_sessions(self) -> bool:
+        self._forget_if_forked()
         return any(self._held.values())
 
+    def _forget_if_forked(self) -> None:
+        # Sessions held before a fork() belong to the parent's loop and sockets:
+        # a child must neither use them nor say QUIT on the parent's connections.
+        if self._pid != os.getpid():
+            self._held, self._pid = {}, os.getpid()
+
     async def run(self, jobs: list[MailboxJob]) -> None:
-        await asyncio.gather(*(self._run_job(job) for job in jobs if job.items))
+        """Run every job; never raises for a job's failure (each job records its own)."""
+        await asyncio.gather(*(self._run_job_recording(job) for job in jobs if job.items))
+
+    async def _run_job_recording(self, job: MailboxJob) -> None:
+        try:
+            await self._run_job(job)
+        except Exception as exc:  # unforeseen: still fail only what was not done
+            for index, _ in job.items:
+                if index not in job.results:
+                    job.errors.setdefault(index, exc)
 
     async def close(self) -> None:
         held = [session for sessions in self._held.values() for session in sessions]
@@ -96,7 +113,7 @@ class Dispatcher:
             index, envelope = queue.pop()
             try:
                 job.results[index] = await session.send(envelope)
-            except SendError as exc:  # cannot connect or authenticate
+            except Exception as exc:  # e.g. cannot connect, authenticate or get a token
                 job.errors[index] = exc
                 if not session.is_open:
                     # What this session could not send, no other one will.
@@ -107,6 +124,7 @@ class Dispatcher:
                 return
 
     async def _acquire(self, job: MailboxJob) -> SMTPSession:
+        self._forget_if_forked()
         held = self._held.get(job.key)
         if held:
             return held.pop()

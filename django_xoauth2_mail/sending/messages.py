@@ -15,6 +15,7 @@ import email.utils
 from collections.abc import Iterable
 
 import django
+from aiosmtplib.email import quote_address
 from django.conf import settings
 from django.core.mail import EmailMessage
 from django.utils.encoding import force_str
@@ -39,8 +40,12 @@ def build_envelope(message: EmailMessage, index: int = 0) -> Envelope:
     try:
         sender, sender_utf8 = envelope_address(message.from_email, message.encoding)
         recipients = [envelope_address(addr, message.encoding) for addr in message.recipients()]
+        for address in [sender, *(address for address, _ in recipients)]:
+            # The SMTP layer's own check (whitespace such as U+2028, "<", ">"),
+            # here, so no message of the call is sent when one would fail there.
+            quote_address(address)
         data = message_bytes(message)
-    except ValueError as exc:  # Django's own validation: bad address, header injection
+    except ValueError as exc:  # Django's or aiosmtplib's validation: bad address, header injection
         raise InvalidMessage(
             f"Message #{index} ({force_str(message.subject)[:60]!r}) cannot be sent: {exc}. "
             "Nothing was sent from this call.",

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import atexit
+import os
 import time
 from collections.abc import Callable, Hashable
 
@@ -25,7 +26,13 @@ CHECK_AFTER_IDLE = 15.0
 
 class SessionPool:
     def __init__(self) -> None:
+        self.reset_after_fork()
+
+    def reset_after_fork(self) -> None:
+        # A child must not touch the parent's sessions (their loop is not running
+        # here and their sockets are the parent's): forget them, say nothing.
         self._idle: dict[Hashable, list[tuple[SMTPSession, float, asyncio.TimerHandle]]] = {}
+        self._closing: set[asyncio.Task[None]] = set()
 
     async def acquire(self, key: Hashable, new_session: Callable[[], SMTPSession]) -> SMTPSession:
         idle = self._idle.get(key, [])
@@ -47,7 +54,10 @@ class SessionPool:
     def _expire(self, key: Hashable, session: SMTPSession) -> None:
         entries = self._idle.get(key, [])
         self._idle[key] = [entry for entry in entries if entry[0] is not session]
-        asyncio.ensure_future(session.close())
+        # The loop keeps only a weak reference to a task: hold it until it is done.
+        task = asyncio.ensure_future(session.close())
+        self._closing.add(task)
+        task.add_done_callback(self._closing.discard)
 
     async def close_all(self) -> None:
         entries = [entry for entries in self._idle.values() for entry in entries]
@@ -73,6 +83,7 @@ async def _still_usable(session: SMTPSession, idle_for: float) -> bool:
 
 
 pool = SessionPool()
+os.register_at_fork(after_in_child=pool.reset_after_fork)
 
 
 @atexit.register

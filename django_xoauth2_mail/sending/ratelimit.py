@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import os
 import time
 from collections.abc import Hashable
 
@@ -37,6 +38,8 @@ class SlidingWindowLimiter:
 
 
 _limiters: dict[tuple[Hashable, int], SlidingWindowLimiter] = {}
+# A forked child has a new mail loop: the parent's limiters' asyncio locks belong to the old one.
+os.register_at_fork(after_in_child=_limiters.clear)
 
 
 def limiter_for(key: Hashable, per_minute: int) -> SlidingWindowLimiter:
