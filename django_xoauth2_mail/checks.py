@@ -13,7 +13,7 @@ from django.conf import settings
 from django.core.checks import CheckMessage, Error, Tags, Warning, register
 
 from django_xoauth2_mail.conf import DEFAULTS, PROVIDER_IDS, SMTP_SECURITY_MODES
-from django_xoauth2_mail.providers.base import is_loopback
+from django_xoauth2_mail.providers.base import is_loopback, normalized_smtp_security
 
 PROVIDER_KEYS = {
     "CLIENT_ID",
@@ -194,11 +194,12 @@ def _check_provider(provider_id: Any, provider_settings: Any) -> list[CheckMessa
 def _check_smtp(label: str, values: Mapping[str, Any]) -> list[CheckMessage]:
     messages: list[CheckMessage] = []
     security = values.get("SMTP_SECURITY")
-    if security is not None and security not in SMTP_SECURITY_MODES:
+    if security is not None and normalized_smtp_security(security) is None:
         messages.append(
             _error(
                 11,
-                f"{label}['SMTP_SECURITY'] is {security!r}.",
+                f"{label}['SMTP_SECURITY'] is {security!r}; mail from this provider is "
+                "refused until it is fixed.",
                 f"Use one of {', '.join(SMTP_SECURITY_MODES)}.",
             )
         )
@@ -228,7 +229,10 @@ def check_security(**kwargs: Any) -> list[CheckMessage]:
     if not isinstance(providers, Mapping) or value.get("ALLOW_INSECURE_SMTP"):
         return messages
     for provider_id, values in providers.items():
-        if not isinstance(values, Mapping) or values.get("SMTP_SECURITY") != "none":
+        if (
+            not isinstance(values, Mapping)
+            or normalized_smtp_security(values.get("SMTP_SECURITY")) != "none"
+        ):
             continue
         host = str(values.get("SMTP_HOST", ""))
         if host and not is_loopback(host):
