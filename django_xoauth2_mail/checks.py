@@ -246,3 +246,32 @@ def check_security(**kwargs: Any) -> list[CheckMessage]:
                 )
             )
     return messages
+
+
+# DEBUG with real providers (xoauth2_mail.W010). -------------------------------------
+
+
+def _configured_providers() -> list[str]:
+    value = getattr(settings, "XOAUTH2_MAIL", {})
+    providers = value.get("PROVIDERS", {}) if isinstance(value, Mapping) else {}
+    return [str(p) for p in providers] if isinstance(providers, Mapping) else []
+
+
+@register(Tags.security)
+def check_debug_with_real_providers(**kwargs: Any) -> list[CheckMessage]:
+    """DEBUG=True turns Django's cleansing of error reports off: tokens become visible."""
+    real = [p for p in _configured_providers() if p != "dev"]
+    if not settings.DEBUG or not real:
+        return []
+    return [
+        Warning(
+            f"DEBUG is True and XOAUTH2_MAIL configures {', '.join(map(repr, real))}: under "
+            "DEBUG, Django's technical 500 page shows every local variable (its "
+            "sensitive_variables cleansing is off), so an error during a token refresh, a "
+            "send or a consent shows the mailbox's access and refresh tokens, the PKCE "
+            "verifier and the client secret to whoever sees the page.",
+            hint="Use the 'dev' provider (manage.py xoauth2_devserver) while DEBUG is True, "
+            "or keep such a site to yourself; connect real accounts with DEBUG = False.",
+            id="xoauth2_mail.W010",
+        )
+    ]

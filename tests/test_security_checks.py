@@ -6,6 +6,7 @@ from __future__ import annotations
 from typing import Any
 
 import pytest
+from django.core.checks import run_checks
 
 from django_xoauth2_mail.checks import check_security, check_settings
 
@@ -37,3 +38,32 @@ def test_an_unknown_smtp_security_is_e011(settings, security):
 def test_none_in_capitals_towards_a_remote_host_is_still_e015(settings):
     oauth2 = {**GOOD_OAUTH2, "SMTP_SECURITY": " NONE"}
     assert ids_for(settings, {"PROVIDERS": {"oauth2": oauth2}}) == ["xoauth2_mail.E015"]
+
+
+def run_ids(*, deploy: bool = False) -> list[str]:
+    return sorted(
+        str(message.id)
+        for message in run_checks(include_deployment_checks=deploy)
+        if str(message.id).startswith("xoauth2_mail.")
+    )
+
+
+@pytest.mark.parametrize("provider", ["google", "microsoft", "oauth2"])
+def test_debug_with_a_real_provider_is_w010(settings, provider):
+    settings.DEBUG = True
+    settings.XOAUTH2_MAIL = {"PROVIDERS": {provider: {**GOOD_OAUTH2, "TENANT": "x"}}}
+    if provider == "microsoft":
+        settings.XOAUTH2_MAIL["PROVIDERS"][provider].pop("SMTP_HOST")
+    assert "xoauth2_mail.W010" in run_ids()
+
+
+def test_debug_with_only_the_dev_provider_is_fine(settings):
+    settings.DEBUG = True
+    settings.XOAUTH2_MAIL = {"PROVIDERS": {"dev": {}}}
+    assert run_ids() == []
+
+
+def test_a_real_provider_without_debug_is_fine(settings):
+    settings.DEBUG = False
+    settings.XOAUTH2_MAIL = {"PROVIDERS": {"oauth2": GOOD_OAUTH2}}
+    assert run_ids() == [] and run_ids(deploy=True) == []
