@@ -248,7 +248,7 @@ def check_security(**kwargs: Any) -> list[CheckMessage]:
     return messages
 
 
-# DEBUG with real providers (xoauth2_mail.W010). -------------------------------------
+# DEBUG and the development provider (xoauth2_mail.W010, W011). ---------------------
 
 
 def _configured_providers() -> list[str]:
@@ -275,3 +275,33 @@ def check_debug_with_real_providers(**kwargs: Any) -> list[CheckMessage]:
             id="xoauth2_mail.W010",
         )
     ]
+
+
+def _dev_provider_warning() -> list[CheckMessage]:
+    if "dev" not in _configured_providers():
+        return []
+    return [
+        Warning(
+            "XOAUTH2_MAIL configures the 'dev' provider outside development: its client "
+            "secret is published, and it sends tokens and mail in clear to whatever listens "
+            "on its ports. Any local user who binds them while the development server is not "
+            "running receives the refresh token, the client secret and every message "
+            "(password-reset links included).",
+            hint="Remove 'dev' from XOAUTH2_MAIL['PROVIDERS'] in production settings and "
+            "connect a google, microsoft or oauth2 mailbox instead.",
+            id="xoauth2_mail.W011",
+        )
+    ]
+
+
+@register(Tags.security)
+def check_dev_provider_without_debug(**kwargs: Any) -> list[CheckMessage]:
+    """A site with DEBUG=False is treated as a deployment."""
+    return [] if settings.DEBUG else _dev_provider_warning()
+
+
+@register(Tags.security, deploy=True)
+def check_dev_provider_in_deployment(**kwargs: Any) -> list[CheckMessage]:
+    """``check --deploy`` says the settings are for production, whatever DEBUG is; with
+    DEBUG=False the check above already reported it (one message, not two)."""
+    return _dev_provider_warning() if settings.DEBUG else []

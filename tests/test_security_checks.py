@@ -3,10 +3,12 @@ in production. One test (or more) per check id."""
 
 from __future__ import annotations
 
+import io
 from typing import Any
 
 import pytest
 from django.core.checks import run_checks
+from django.core.management import call_command
 
 from django_xoauth2_mail.checks import check_security, check_settings
 
@@ -67,3 +69,25 @@ def test_a_real_provider_without_debug_is_fine(settings):
     settings.DEBUG = False
     settings.XOAUTH2_MAIL = {"PROVIDERS": {"oauth2": GOOD_OAUTH2}}
     assert run_ids() == [] and run_ids(deploy=True) == []
+
+
+def test_the_dev_provider_without_debug_is_w011(settings):
+    settings.DEBUG = False
+    settings.XOAUTH2_MAIL = {"PROVIDERS": {"dev": {}, "oauth2": GOOD_OAUTH2}}
+    assert run_ids() == ["xoauth2_mail.W011"]
+    assert run_ids(deploy=True) == ["xoauth2_mail.W011"]  # reported once
+
+
+def test_check_deploy_reports_the_dev_provider_even_with_debug(settings):
+    settings.DEBUG = True
+    settings.XOAUTH2_MAIL = {"PROVIDERS": {"dev": {}}}
+    assert run_ids() == []
+    assert run_ids(deploy=True) == ["xoauth2_mail.W011"]
+
+
+def test_manage_py_check_deploy_prints_it(settings):
+    settings.DEBUG = False
+    settings.XOAUTH2_MAIL = {"PROVIDERS": {"dev": {}}}
+    output = io.StringIO()
+    call_command("check", deploy=True, stdout=output, stderr=output)
+    assert "xoauth2_mail.W011" in output.getvalue()
