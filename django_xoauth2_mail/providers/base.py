@@ -15,7 +15,7 @@ import ipaddress
 import json
 from collections.abc import Iterable, Mapping
 from typing import Any, ClassVar, Literal, cast
-from urllib.parse import urlencode
+from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 import requests
 from django.utils import timezone
@@ -246,7 +246,23 @@ def authorization_request_url(
     }
     if login_hint:
         params["login_hint"] = login_hint
-    return f"{endpoint}?{urlencode(params)}"
+    return url_with_query(endpoint, params)
+
+
+def url_with_query(url: str, params: Mapping[str, str]) -> str:
+    """``url`` with ``params`` added to its query.
+
+    RFC 6749 section 3.1: the query an authorization endpoint's URL already has must be
+    kept when adding parameters (a second ``?`` would fold ours into its last value), and
+    no parameter may appear twice, so one of ours replaces one of the same name there.
+    """
+    parts = urlsplit(url)
+    kept = [
+        (name, value)
+        for name, value in parse_qsl(parts.query, keep_blank_values=True)
+        if name not in params
+    ]
+    return urlunsplit(parts._replace(query=urlencode([*kept, *params.items()])))
 
 
 def expiry_from(expires_in: Any) -> dt.datetime:

@@ -20,7 +20,7 @@ import time
 import warnings
 from collections.abc import Callable, Iterator, Mapping
 from typing import Any
-from urllib.parse import urlencode, urlsplit
+from urllib.parse import urlsplit
 
 import msal
 import requests
@@ -40,6 +40,7 @@ from django_xoauth2_mail.providers.base import (
     TokenEndpointError,
     TokenResult,
     expiry_from,
+    url_with_query,
 )
 from django_xoauth2_mail.providers.library_logs import (
     MSAL_CREDENTIAL_LOGGERS,
@@ -224,7 +225,7 @@ class MicrosoftProvider(Provider):
         # Without a hint, let the person pick the mailbox's account, not whichever
         # account their browser is signed in to.
         params.update({"login_hint": login_hint} if login_hint else {"prompt": "select_account"})
-        return f"{endpoint}?{urlencode(params)}"
+        return url_with_query(endpoint, params)
 
     def exchange_code(self, *, code: str, redirect_uri: str, code_verifier: str) -> ConsentResult:
         def redeem(app: Any) -> dict[str, Any]:
