@@ -113,6 +113,12 @@ class ConsentResult:
     expires_at: dt.datetime
     refresh_token: str | None = dataclasses.field(default=None, repr=False)
     scopes: tuple[str, ...] = ()
+    # False when ``email`` comes from a claim the provider does not vouch for (a
+    # Microsoft tenant's administrator can give a user any address); None: not said.
+    email_verified: bool | None = None
+    # The provider's stable id of the account that consented, which survives a change
+    # of address (Microsoft: "TENANT_ID/OBJECT_ID"); None where the provider gives none.
+    account_id: str | None = None
 
 
 @dataclasses.dataclass(frozen=True)

@@ -46,6 +46,7 @@ from django_xoauth2_mail.providers.library_logs import (
     MSAL_CREDENTIAL_LOGGERS,
     credentials_kept_out_of_debug_logs,
 )
+from django_xoauth2_mail.providers.microsoft_claims import consenting_account
 
 SMTP_SCOPE = "https://outlook.office.com/SMTP.Send"
 APP_ONLY_SCOPE = "https://outlook.office365.com/.default"
@@ -365,6 +366,10 @@ def _token_fields(result: dict[str, Any]) -> dict[str, Any]:
 
 def _consent_result(result: dict[str, Any]) -> ConsentResult:
     fields = _token_fields(result)
-    claims = result.get("id_token_claims") or {}
-    email = claims.get("email") or claims.get("preferred_username")
-    return ConsentResult(email=email if isinstance(email, str) and "@" in email else None, **fields)
+    account = consenting_account(result.get("id_token_claims") or {})
+    return ConsentResult(
+        email=account.email,
+        email_verified=account.email_verified,
+        account_id=account.account_id,
+        **fields,
+    )
