@@ -89,5 +89,6 @@ def test_manage_py_check_deploy_prints_it(settings):
     settings.DEBUG = False
     settings.XOAUTH2_MAIL = {"PROVIDERS": {"dev": {}}}
     output = io.StringIO()
-    call_command("check", deploy=True, stdout=output, stderr=output)
+    # Other apps' deploy checks may be errors on some Django versions: report, not fail.
+    call_command("check", deploy=True, fail_level="CRITICAL", stdout=output, stderr=output)
     assert "xoauth2_mail.W011" in output.getvalue()
