@@ -13,7 +13,7 @@ from django.conf import settings
 from django.core.checks import CheckMessage, Error, Tags, Warning, register
 
 from django_xoauth2_mail.conf import DEFAULTS, PROVIDER_IDS, SMTP_SECURITY_MODES
-from django_xoauth2_mail.providers.base import is_loopback
+from django_xoauth2_mail.providers.base import is_loopback, normalized_smtp_security
 
 PROVIDER_KEYS = {
     "CLIENT_ID",
@@ -194,11 +194,12 @@ def _check_provider(provider_id: Any, provider_settings: Any) -> list[CheckMessa
 def _check_smtp(label: str, values: Mapping[str, Any]) -> list[CheckMessage]:
     messages: list[CheckMessage] = []
     security = values.get("SMTP_SECURITY")
-    if security is not None and security not in SMTP_SECURITY_MODES:
+    if security is not None and normalized_smtp_security(security) is None:
         messages.append(
             _error(
                 11,
-                f"{label}['SMTP_SECURITY'] is {security!r}.",
+                f"{label}['SMTP_SECURITY'] is {security!r}; mail from this provider is "
+                "refused until it is fixed.",
                 f"Use one of {', '.join(SMTP_SECURITY_MODES)}.",
             )
         )
@@ -228,7 +229,10 @@ def check_security(**kwargs: Any) -> list[CheckMessage]:
     if not isinstance(providers, Mapping) or value.get("ALLOW_INSECURE_SMTP"):
         return messages
     for provider_id, values in providers.items():
-        if not isinstance(values, Mapping) or values.get("SMTP_SECURITY") != "none":
+        if (
+            not isinstance(values, Mapping)
+            or normalized_smtp_security(values.get("SMTP_SECURITY")) != "none"
+        ):
             continue
         host = str(values.get("SMTP_HOST", ""))
         if host and not is_loopback(host):
@@ -242,3 +246,62 @@ def check_security(**kwargs: Any) -> list[CheckMessage]:
                 )
             )
     return messages
+
+
+# DEBUG and the development provider (xoauth2_mail.W010, W011). ---------------------
+
+
+def _configured_providers() -> list[str]:
+    value = getattr(settings, "XOAUTH2_MAIL", {})
+    providers = value.get("PROVIDERS", {}) if isinstance(value, Mapping) else {}
+    return [str(p) for p in providers] if isinstance(providers, Mapping) else []
+
+
+@register(Tags.security)
+def check_debug_with_real_providers(**kwargs: Any) -> list[CheckMessage]:
+    """DEBUG=True turns Django's cleansing of error reports off: tokens become visible."""
+    real = [p for p in _configured_providers() if p != "dev"]
+    if not settings.DEBUG or not real:
+        return []
+    return [
+        Warning(
+            f"DEBUG is True and XOAUTH2_MAIL configures {', '.join(map(repr, real))}: under "
+            "DEBUG, Django's technical 500 page shows every local variable (its "
+            "sensitive_variables cleansing is off), so an error during a token refresh, a "
+            "send or a consent shows the mailbox's access and refresh tokens, the PKCE "
+            "verifier and the client secret to whoever sees the page.",
+            hint="Use the 'dev' provider (manage.py xoauth2_devserver) while DEBUG is True, "
+            "or keep such a site to yourself; connect real accounts with DEBUG = False.",
+            id="xoauth2_mail.W010",
+        )
+    ]
+
+
+def _dev_provider_warning() -> list[CheckMessage]:
+    if "dev" not in _configured_providers():
+        return []
+    return [
+        Warning(
+            "XOAUTH2_MAIL configures the 'dev' provider outside development: its client "
+            "secret is published, and it sends tokens and mail in clear to whatever listens "
+            "on its ports. Any local user who binds them while the development server is not "
+            "running receives the refresh token, the client secret and every message "
+            "(password-reset links included).",
+            hint="Remove 'dev' from XOAUTH2_MAIL['PROVIDERS'] in production settings and "
+            "connect a google, microsoft or oauth2 mailbox instead.",
+            id="xoauth2_mail.W011",
+        )
+    ]
+
+
+@register(Tags.security)
+def check_dev_provider_without_debug(**kwargs: Any) -> list[CheckMessage]:
+    """A site with DEBUG=False is treated as a deployment."""
+    return [] if settings.DEBUG else _dev_provider_warning()
+
+
+@register(Tags.security, deploy=True)
+def check_dev_provider_in_deployment(**kwargs: Any) -> list[CheckMessage]:
+    """``check --deploy`` says the settings are for production, whatever DEBUG is; with
+    DEBUG=False the check above already reported it (one message, not two)."""
+    return _dev_provider_warning() if settings.DEBUG else []

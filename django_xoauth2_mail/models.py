@@ -33,6 +33,11 @@ class Mailbox(models.Model):
     access_token = EncryptedTextField(_("access token"), null=True, blank=True, editable=False)
     access_token_expires_at = models.DateTimeField(_("access token expires at"), null=True)
     scopes = models.TextField(_("granted scopes"), blank=True, default="")
+    # Who consented, as the provider names the account for good (Microsoft: tenant id /
+    # object id), so a later consent by another account can be told apart.
+    account_id = models.CharField(
+        _("provider account id"), max_length=255, blank=True, default="", editable=False
+    )
     status = models.CharField(
         _("status"),
         max_length=32,

@@ -78,6 +78,8 @@ def save_consent(provider_id: str, result: ConsentResult, requested_email: str |
         if result.refresh_token or not mailbox.refresh_token:
             mailbox.refresh_token = result.refresh_token
         mailbox.scopes = " ".join(result.scopes)
+        # Who consented, as the provider names the account (Microsoft: tenant/object id).
+        mailbox.account_id = result.account_id or mailbox.account_id
         mailbox.status = MailboxStatus.CONNECTED
         mailbox.last_error = ""
         mailbox.last_error_at = None

@@ -14,14 +14,15 @@ import datetime as dt
 import ipaddress
 import json
 from collections.abc import Iterable, Mapping
-from typing import Any, ClassVar, Literal
-from urllib.parse import urlencode
+from typing import Any, ClassVar, Literal, cast
+from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 import requests
 from django.utils import timezone
 from django.views.decorators.debug import sensitive_variables
 
-from django_xoauth2_mail.conf import conf
+from django_xoauth2_mail.conf import SMTP_SECURITY_MODES, conf
+from django_xoauth2_mail.exceptions import ConfigurationError
 
 SMTPSecurity = Literal["tls", "starttls", "none"]
 
@@ -46,12 +47,41 @@ class DeviceFlowExpired(TokenEndpointError):
     """Nobody approved in time: the code expired, or the caller's timeout passed."""
 
 
+def normalized_smtp_security(value: object) -> SMTPSecurity | None:
+    """``value`` as one of the SMTP security modes (case and surrounding blanks do not
+    matter), or None when it names none of them."""
+    mode = value.strip().lower() if isinstance(value, str) else None
+    return cast(SMTPSecurity, mode) if mode in SMTP_SECURITY_MODES else None
+
+
+def smtp_security(value: object, *, setting: str) -> SMTPSecurity:
+    """The SMTP security mode ``value`` names, or a ConfigurationError.
+
+    Fails closed: an unknown value (``"ssl"``, a typo) must never become a connection
+    without TLS, which would send the access token in clear.
+    """
+    mode = normalized_smtp_security(value)
+    if mode is None:
+        raise ConfigurationError(
+            f"{setting} is {value!r}, which is not an SMTP security mode. Use 'tls' "
+            "(implicit TLS, usually port 465), 'starttls' (usually port 587) or 'none' "
+            "(plain TCP, for a server on this machine only). Nothing is sent until it is fixed."
+        )
+    return mode
+
+
 @dataclasses.dataclass(frozen=True)
 class SMTPEndpoint:
     host: str
     port: int
     security: SMTPSecurity
     ca_file: str | None = None
+
+    def __post_init__(self) -> None:
+        # Every endpoint is checked where it is built, whoever builds it: the session
+        # trusts ``security`` to be one of the three modes.
+        mode = smtp_security(self.security, setting="The SMTP endpoint's security")
+        object.__setattr__(self, "security", mode)
 
 
 def is_loopback(host: str) -> bool:
@@ -83,6 +113,12 @@ class ConsentResult:
     expires_at: dt.datetime
     refresh_token: str | None = dataclasses.field(default=None, repr=False)
     scopes: tuple[str, ...] = ()
+    # False when ``email`` comes from a claim the provider does not vouch for (a
+    # Microsoft tenant's administrator can give a user any address); None: not said.
+    email_verified: bool | None = None
+    # The provider's stable id of the account that consented, which survives a change
+    # of address (Microsoft: "TENANT_ID/OBJECT_ID"); None where the provider gives none.
+    account_id: str | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -131,10 +167,14 @@ class Provider:
     @property
     def smtp_endpoint(self) -> SMTPEndpoint:
         default = self.default_smtp
+        security = smtp_security(
+            self.settings.get("SMTP_SECURITY", default.security),
+            setting=f"XOAUTH2_MAIL['PROVIDERS'][{self.id!r}]['SMTP_SECURITY']",
+        )
         return SMTPEndpoint(
             host=self.settings.get("SMTP_HOST", default.host),
             port=int(self.settings.get("SMTP_PORT", default.port)),
-            security=self.settings.get("SMTP_SECURITY", default.security),
+            security=security,
             ca_file=self.settings.get("SMTP_CA_FILE", default.ca_file),
         )
 
@@ -212,7 +252,23 @@ def authorization_request_url(
     }
     if login_hint:
         params["login_hint"] = login_hint
-    return f"{endpoint}?{urlencode(params)}"
+    return url_with_query(endpoint, params)
+
+
+def url_with_query(url: str, params: Mapping[str, str]) -> str:
+    """``url`` with ``params`` added to its query.
+
+    RFC 6749 section 3.1: the query an authorization endpoint's URL already has must be
+    kept when adding parameters (a second ``?`` would fold ours into its last value), and
+    no parameter may appear twice, so one of ours replaces one of the same name there.
+    """
+    parts = urlsplit(url)
+    kept = [
+        (name, value)
+        for name, value in parse_qsl(parts.query, keep_blank_values=True)
+        if name not in params
+    ]
+    return urlunsplit(parts._replace(query=urlencode([*kept, *params.items()])))
 
 
 def expiry_from(expires_in: Any) -> dt.datetime:

@@ -39,6 +39,10 @@ from django_xoauth2_mail.providers.base import (
     json_object,
     post_token_request,
 )
+from django_xoauth2_mail.providers.library_logs import (
+    GOOGLE_CREDENTIAL_LOGGERS,
+    credentials_kept_out_of_debug_logs,
+)
 
 MAIL_SCOPE = "https://mail.google.com/"
 DEFAULTS = {
@@ -165,7 +169,10 @@ class GoogleProvider(Provider):
             )
         else:
             credentials = self._delegated_credentials(email)
-        with requests.Session() as session:
+        with (
+            requests.Session() as session,
+            credentials_kept_out_of_debug_logs(GOOGLE_CREDENTIAL_LOGGERS),
+        ):
             try:
                 credentials.refresh(_TokenEndpointRequest(session))
             except google_errors.RefreshError as exc:

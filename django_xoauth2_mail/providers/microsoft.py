@@ -20,7 +20,7 @@ import time
 import warnings
 from collections.abc import Callable, Iterator, Mapping
 from typing import Any
-from urllib.parse import urlencode, urlsplit
+from urllib.parse import urlsplit
 
 import msal
 import requests
@@ -40,7 +40,13 @@ from django_xoauth2_mail.providers.base import (
     TokenEndpointError,
     TokenResult,
     expiry_from,
+    url_with_query,
 )
+from django_xoauth2_mail.providers.library_logs import (
+    MSAL_CREDENTIAL_LOGGERS,
+    credentials_kept_out_of_debug_logs,
+)
+from django_xoauth2_mail.providers.microsoft_claims import consenting_account
 
 SMTP_SCOPE = "https://outlook.office.com/SMTP.Send"
 APP_ONLY_SCOPE = "https://outlook.office365.com/.default"
@@ -164,7 +170,7 @@ class MicrosoftProvider(Provider):
                 )
             )
         else:
-            with _msal_errors(self.authority):
+            with _msal_call(self.authority):
                 # SCOPES replaces the resource's .default scope in national clouds.
                 scopes = list(self.settings.get("SCOPES") or [APP_ONLY_SCOPE])
                 result = self._app_only_application().acquire_token_for_client(scopes=scopes)
@@ -175,7 +181,7 @@ class MicrosoftProvider(Provider):
         """``call(app)`` with the app as configured, then as a public client if Entra says
         the grant belongs to one: a secret is refused (AADSTS700025) for tokens from the
         device code flow and codes sent to a "Mobile and desktop" redirect URI."""
-        with _msal_errors(self.authority):
+        with _msal_call(self.authority):
             result = call(self._application())
             if _issued_to_public_client(result) and self.settings.get("CLIENT_SECRET"):
                 result = call(self._application(public=True))
@@ -205,7 +211,7 @@ class MicrosoftProvider(Provider):
         # msal's initiate_auth_code_flow makes its own state and PKCE pair, and its
         # get_authorization_request_url is deprecated: build the URL on the endpoint
         # msal found in the discovery document (this also checks TENANT early).
-        with _msal_errors(self.authority):
+        with _msal_call(self.authority):
             endpoint = self._application().authority.authorization_endpoint
         params = {
             "client_id": str(self.settings.get("CLIENT_ID")),
@@ -220,7 +226,7 @@ class MicrosoftProvider(Provider):
         # Without a hint, let the person pick the mailbox's account, not whichever
         # account their browser is signed in to.
         params.update({"login_hint": login_hint} if login_hint else {"prompt": "select_account"})
-        return f"{endpoint}?{urlencode(params)}"
+        return url_with_query(endpoint, params)
 
     def exchange_code(self, *, code: str, redirect_uri: str, code_verifier: str) -> ConsentResult:
         def redeem(app: Any) -> dict[str, Any]:
@@ -242,7 +248,7 @@ class MicrosoftProvider(Provider):
 
     def start_device_flow(self) -> DeviceFlow:
         """Ask for a user code; the person enters it at Microsoft's page and consents."""
-        with _msal_errors(self.authority):
+        with _msal_call(self.authority):
             app = self._application(public=True)
             flow: dict[str, Any] = app.initiate_device_flow(scopes=self.consent_scopes)
         if "user_code" not in flow:
@@ -264,7 +270,7 @@ class MicrosoftProvider(Provider):
         state = dict(flow.state)
         # msal polls until state["expires_at"]; moving it earlier is its documented abort.
         state["expires_at"] = min(float(state.get("expires_at", 0)), time.time() + timeout)
-        with _msal_errors(self.authority):
+        with _msal_call(self.authority):
             result = self._application(public=True).acquire_token_by_device_flow(state)
         if result.get("error") in ("authorization_pending", "slow_down", "expired_token"):
             raise DeviceFlowExpired(
@@ -274,6 +280,14 @@ class MicrosoftProvider(Provider):
         if result.get("error") in ("authorization_declined", "access_denied"):
             raise DeviceFlowDenied(_detail(result), retryable=False)
         return _consent_result(result)
+
+
+@contextlib.contextmanager
+def _msal_call(authority: str) -> Iterator[None]:
+    """Around every msal call: msal's DEBUG log of the code, verifier and device code kept
+    out (library_logs.py), and what msal raises turned into the provider exceptions."""
+    with credentials_kept_out_of_debug_logs(MSAL_CREDENTIAL_LOGGERS), _msal_errors(authority):
+        yield
 
 
 @contextlib.contextmanager
@@ -352,6 +366,10 @@ def _token_fields(result: dict[str, Any]) -> dict[str, Any]:
 
 def _consent_result(result: dict[str, Any]) -> ConsentResult:
     fields = _token_fields(result)
-    claims = result.get("id_token_claims") or {}
-    email = claims.get("email") or claims.get("preferred_username")
-    return ConsentResult(email=email if isinstance(email, str) and "@" in email else None, **fields)
+    account = consenting_account(result.get("id_token_claims") or {})
+    return ConsentResult(
+        email=account.email,
+        email_verified=account.email_verified,
+        account_id=account.account_id,
+        **fields,
+    )

@@ -24,7 +24,11 @@ from aiosmtplib.auth import auth_xoauth2_encode
 from aiosmtplib.typing import Default
 from django.views.decorators.debug import sensitive_variables
 
-from django_xoauth2_mail.exceptions import SMTPAuthenticationFailed, SMTPConnectionFailed
+from django_xoauth2_mail.exceptions import (
+    ConfigurationError,
+    SMTPAuthenticationFailed,
+    SMTPConnectionFailed,
+)
 from django_xoauth2_mail.providers.base import SMTPEndpoint, is_loopback
 from django_xoauth2_mail.sending.diagnostics import explain_auth_failure
 from django_xoauth2_mail.sending.messages import Envelope
@@ -88,6 +92,23 @@ class XOAuth2Client(aiosmtplib.SMTP):
         if response.code != 235:
             raise XOAuth2Refused(response.code, response.message, challenge)
         return response
+
+
+def tls_flags(security: str) -> tuple[bool, bool]:
+    """aiosmtplib's (use_tls, start_tls) for a security mode.
+
+    Each mode is spelt out and anything else refused: a mode that matched neither
+    ``"tls"`` nor ``"starttls"`` once meant a connection without TLS.
+    """
+    if security == "tls":
+        return True, False
+    if security == "starttls":
+        return False, True
+    if security == "none":
+        return False, False
+    raise ConfigurationError(
+        f"SMTP security {security!r} is not 'tls', 'starttls' or 'none'; nothing was sent."
+    )
 
 
 def tls_context_for(ca_file: str | None) -> ssl.SSLContext:
@@ -161,14 +182,15 @@ class SMTPSession:
 
     def _new_client(self, token_generator: Callable[[], Awaitable[str]]) -> XOAuth2Client:
         endpoint = self.endpoint
+        use_tls, start_tls = tls_flags(endpoint.security)
         tls_context = None
-        if endpoint.security != "none":
+        if use_tls or start_tls:
             tls_context = tls_context_for(endpoint.ca_file)
         return XOAuth2Client(
             hostname=endpoint.host,
             port=endpoint.port,
-            use_tls=endpoint.security == "tls",
-            start_tls=endpoint.security == "starttls",
+            use_tls=use_tls,
+            start_tls=start_tls,
             tls_context=tls_context,
             timeout=self.timeout,
             local_hostname=self.local_hostname,
