@@ -12,7 +12,12 @@ from cryptography.fernet import Fernet
 from django.conf import settings
 from django.core.checks import CheckMessage, Error, Tags, Warning, register
 
-from django_xoauth2_mail.conf import DEFAULTS, PROVIDER_IDS, SMTP_SECURITY_MODES
+from django_xoauth2_mail.conf import (
+    DEFAULTS,
+    PROVIDER_IDS,
+    SASL_MECHANISM_VALUES,
+    SMTP_SECURITY_MODES,
+)
 from django_xoauth2_mail.providers.base import is_loopback
 
 PROVIDER_KEYS = {
@@ -239,6 +244,38 @@ def check_security(**kwargs: Any) -> list[CheckMessage]:
                     hint="Use 'tls' or 'starttls'; 'none' is meant for servers on this machine. "
                     "XOAUTH2_MAIL['ALLOW_INSECURE_SMTP'] = True overrides this check.",
                     id="xoauth2_mail.E015",
+                )
+            )
+    return messages
+
+
+# OAUTHBEARER and issuer discovery (xoauth2_mail.E040-E049) ----------------------------
+
+# Provider keys every provider accepts (SASL_MECHANISM) or oauth2 reads (ISSUER).
+PROVIDER_KEYS.update({"SASL_MECHANISM", "ISSUER"})
+
+
+@register(Tags.compatibility)
+def check_standards_settings(**kwargs: Any) -> list[CheckMessage]:
+    """SASL_MECHANISM of every provider, ISSUER of oauth2; the form only, no network."""
+    value = getattr(settings, "XOAUTH2_MAIL", {})
+    providers = value.get("PROVIDERS", {}) if isinstance(value, Mapping) else {}
+    if not isinstance(providers, Mapping):
+        return []  # reported as E001 / E005
+    messages: list[CheckMessage] = []
+    for provider_id, values in providers.items():
+        if not isinstance(values, Mapping):
+            continue  # reported as E009
+        label = f"XOAUTH2_MAIL['PROVIDERS'][{provider_id!r}]"
+        mechanism = values.get("SASL_MECHANISM")
+        if mechanism is not None and mechanism not in SASL_MECHANISM_VALUES:
+            messages.append(
+                _error(
+                    40,
+                    f"{label}['SASL_MECHANISM'] is {mechanism!r}.",
+                    f"Use one of {', '.join(map(repr, SASL_MECHANISM_VALUES))} (exactly so "
+                    "spelled); 'auto' takes XOAUTH2 when the server offers it, else "
+                    "OAUTHBEARER.",
                 )
             )
     return messages

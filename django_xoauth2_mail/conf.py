@@ -13,6 +13,9 @@ from django.conf import settings
 
 PROVIDER_IDS = ("google", "microsoft", "oauth2", "dev")
 SMTP_SECURITY_MODES = ("tls", "starttls", "none")
+# A provider's SASL_MECHANISM: "auto" takes XOAUTH2 when the server offers it, else
+# OAUTHBEARER (RFC 7628).
+SASL_MECHANISM_VALUES = ("auto", "XOAUTH2", "OAUTHBEARER")
 
 DEFAULTS: dict[str, Any] = {
     # provider id -> that provider's settings (CLIENT_ID, CLIENT_SECRET, ...).

@@ -768,3 +768,40 @@ def test_subprocess_ctrl_c(tmp_path, auto_approving):
     assert "Traceback" not in stderr
     assert_closed(port)
     assert not Mailbox.objects.exists()
+
+
+# The SASL mechanism in reports (OAUTHBEARER, RFC 7628) ---------------------------------
+
+
+@pytest.mark.parametrize("smtp_sasl_mechanisms", [("OAUTHBEARER",)])
+def test_connect_mailbox_names_the_mechanism_it_logged_in_with(
+    smtp_sasl_mechanisms, provider_settings, oauth2_server, xoauth2_smtp_server
+):
+    oauth2_server.device_code_interval = 1
+    run = connect("oauth2", "--device")
+    user_code = run.wait_for(r"enter the code ([A-Z]{4}-[A-Z]{4})").group(1)
+    assert oauth2_server.approve_device_code(user_code, SENDER)
+
+    output = run.finish()
+
+    assert f"SMTP login to 127.0.0.1:{xoauth2_smtp_server.port} OK (OAUTHBEARER)." in output
+    [attempt] = xoauth2_smtp_server.auth_attempts
+    assert attempt.accepted and attempt.mechanism == "OAUTHBEARER"
+    assert_no_tokens(output)
+
+
+@pytest.mark.parametrize("smtp_sasl_mechanisms", [("OAUTHBEARER",)])
+def test_send_test_email_names_the_mechanism_it_used(
+    smtp_sasl_mechanisms, oauth2_settings, oauth2_server, xoauth2_smtp_server
+):
+    make_mailbox(oauth2_server)
+
+    stdout, _ = command_output("send_test_email", SENDER)
+
+    port = xoauth2_smtp_server.port
+    assert stdout == (
+        f"Sent a test message from {SENDER} to {SENDER} through 127.0.0.1:{port} "
+        "(SMTP, OAUTHBEARER).\n"
+    )
+    assert [a.mechanism for a in xoauth2_smtp_server.auth_attempts] == ["OAUTHBEARER"]
+    assert_no_tokens(stdout)

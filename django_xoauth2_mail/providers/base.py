@@ -52,6 +52,9 @@ class SMTPEndpoint:
     port: int
     security: SMTPSecurity
     ca_file: str | None = None
+    # The provider's SASL_MECHANISM: "XOAUTH2", "OAUTHBEARER" or "auto" (XOAUTH2 when
+    # the server offers it, else OAUTHBEARER).
+    sasl_mechanism: str = "auto"
 
 
 def is_loopback(host: str) -> bool:
@@ -136,6 +139,7 @@ class Provider:
             port=int(self.settings.get("SMTP_PORT", default.port)),
             security=self.settings.get("SMTP_SECURITY", default.security),
             ca_file=self.settings.get("SMTP_CA_FILE", default.ca_file),
+            sasl_mechanism=str(self.settings.get("SASL_MECHANISM") or "auto"),
         )
 
     @property

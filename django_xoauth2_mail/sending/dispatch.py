@@ -61,6 +61,12 @@ class Dispatcher:
     def holds_sessions(self) -> bool:
         return any(self._held.values())
 
+    @property
+    def sasl_mechanisms(self) -> set[str]:
+        """The SASL mechanisms the held sessions logged in with (for reports)."""
+        sessions = (session for held in self._held.values() for session in held)
+        return {session.sasl_mechanism for session in sessions if session.sasl_mechanism}
+
     async def run(self, jobs: list[MailboxJob]) -> None:
         await asyncio.gather(*(self._run_job(job) for job in jobs if job.items))
 

@@ -241,7 +241,7 @@ class Command(BaseCommand):
                 f"is fixed, `python manage.py send_test_email {mailbox.email}` checks again "
                 "(connect_mailbox --no-verify skips this check)."
             ) from None
-        self.say(f"  SMTP login to {endpoint.host}:{endpoint.port} OK (XOAUTH2).")
+        self.say(f"  SMTP login to {endpoint.host}:{endpoint.port} OK ({endpoint.sasl_mechanism}).")
 
 
 def _check_numbers(options: dict[str, Any]) -> None:
