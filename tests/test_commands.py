@@ -805,3 +805,54 @@ def test_send_test_email_names_the_mechanism_it_used(
     )
     assert [a.mechanism for a in xoauth2_smtp_server.auth_attempts] == ["OAUTHBEARER"]
     assert_no_tokens(stdout)
+
+
+# connect_mailbox --check: what discovery found (RFC 8414 / OpenID Connect) --------------
+
+
+def test_check_prints_what_was_discovered(settings, oauth2_server):
+    from django_xoauth2_mail.providers import discovery
+
+    discovery.clear_cache()
+    oauth2_server.metadata_changes = {"openid-configuration": {"revocation_endpoint": None}}
+    settings.XOAUTH2_MAIL = {
+        "PROVIDERS": {
+            "oauth2": {
+                "CLIENT_ID": TEST_CLIENT_ID,
+                "ISSUER": oauth2_server.issuer,
+                "USERINFO_URL": "https://id.example/me",
+                "SMTP_HOST": "127.0.0.1",
+            }
+        }
+    }
+
+    stdout, stderr = command_output("connect_mailbox", "oauth2", "--check")
+
+    base = oauth2_server.base_url
+    assert f"Issuer {base}: metadata read and checked." in stdout
+    assert f"Read {base}/.well-known/oauth-authorization-server\n" in stdout
+    assert f"Read {base}/.well-known/openid-configuration\n" in stdout
+    assert f"TOKEN_URL                 {base}/token\n" in stdout
+    assert f"REVOCATION_URL            {base}/revoke\n" in stdout  # from RFC 8414's
+    assert (
+        f"USERINFO_URL              {base}/userinfo  (set explicitly: https://id.example/me "
+        "is used)"
+    ) in stdout
+    assert "PKCE methods              S256" in stdout
+    assert "RFC 9207 iss parameter    no" in stdout
+    assert stderr == ""
+
+
+def test_check_refuses_a_mismatched_issuer_and_a_provider_without_issuer(settings, oauth2_server):
+    from django_xoauth2_mail.providers import discovery
+
+    discovery.clear_cache()
+    settings.XOAUTH2_MAIL = {
+        "PROVIDERS": {"oauth2": {"CLIENT_ID": "c", "ISSUER": oauth2_server.issuer + "/"}}
+    }
+    with pytest.raises(CommandError, match="RFC 8414 requires them to be identical"):
+        call_command("connect_mailbox", "oauth2", "--check")
+
+    settings.XOAUTH2_MAIL = {"PROVIDERS": {"oauth2": {"CLIENT_ID": "c", "TOKEN_URL": "x"}}}
+    with pytest.raises(CommandError, match="has no ISSUER"):
+        call_command("connect_mailbox", "oauth2", "--check")

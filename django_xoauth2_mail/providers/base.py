@@ -191,6 +191,18 @@ class Provider:
         """Revoke a refresh token at the provider; False where it offers no revocation."""
         return False
 
+    # Authorization server identity (RFC 8414 / RFC 9207). ----------------
+
+    @property
+    def issuer(self) -> str | None:
+        """The authorization server's issuer identifier, when configured."""
+        return None
+
+    @property
+    def requires_iss(self) -> bool:
+        """True when authorization responses must carry ``iss`` (RFC 9207)."""
+        return False
+
 
 def authorization_request_url(
     endpoint: str,
