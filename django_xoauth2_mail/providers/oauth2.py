@@ -121,7 +121,10 @@ class OAuth2Provider(Provider):
         claims = id_token_claims(payload.get("id_token"))
         if isinstance(claims.get("email"), str):
             return str(claims["email"])
-        url = self._setting("USERINFO_URL")
+        try:
+            url = self._setting("USERINFO_URL")
+        except TokenEndpointError:
+            return None  # metadata unreadable just now: the address comes from --email
         if not url:
             return None
         try:
@@ -150,7 +153,10 @@ class OAuth2Provider(Provider):
 
     @sensitive_variables()
     def revoke_token(self, token: str) -> bool:
-        url = self._setting("REVOCATION_URL")
+        try:
+            url = self._setting("REVOCATION_URL")
+        except TokenEndpointError:
+            return False  # best effort: the caller says the grant may still be alive
         if not url:
             return False
         data = {"token": token, "token_type_hint": "refresh_token"} | self._client_auth()

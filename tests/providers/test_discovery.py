@@ -309,3 +309,19 @@ def test_providers_without_issuer_need_no_iss():
     google = GoogleProvider({"CLIENT_ID": "id", "CLIENT_SECRET": "secret"})
     assert google.issuer is None and google.requires_iss is False
     assert OAuth2Provider({"TOKEN_URL": "https://x.example/token"}).requires_iss is False
+
+
+def test_revocation_is_best_effort_when_the_metadata_is_unreachable(settings, oauth2_server):
+    with socket.socket() as probe:  # a port with nothing listening
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    issuer_settings(settings, oauth2_server, oauth2_server, ISSUER=f"http://127.0.0.1:{port}")
+    assert OAuth2Provider().revoke_token("a-refresh-token") is False
+
+
+def test_revocation_uses_the_discovered_endpoint(settings, keycloak_like):
+    issuer_settings(settings, keycloak_like, keycloak_like)
+    tokens = keycloak_like.issue_tokens(SENDER)
+
+    assert OAuth2Provider().revoke_token(tokens["refresh_token"]) is True
+    assert not keycloak_like.validate_access_token(SENDER, tokens["access_token"])
