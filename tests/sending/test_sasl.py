@@ -8,8 +8,10 @@ import datetime as dt
 
 import pytest
 from django.core import mail
+from django.core.mail import EmailMessage
 from django.utils import timezone
 
+from django_xoauth2_mail.backends import EmailBackend
 from django_xoauth2_mail.exceptions import (
     MailboxReconnectRequired,
     SMTPAuthenticationFailed,
@@ -17,6 +19,8 @@ from django_xoauth2_mail.exceptions import (
 )
 from django_xoauth2_mail.models import MailboxStatus
 from django_xoauth2_mail.sending import sasl
+from django_xoauth2_mail.sending.loop import mail_loop
+from django_xoauth2_mail.sending.pool import pool
 from tests.conftest import SENDER
 
 pytestmark = pytest.mark.django_db(transaction=True)
@@ -214,3 +218,37 @@ def test_failure_handshake_byte_for_byte(
     for attempt in attempts:
         assert attempt.token not in message
         assert base64.b64encode(attempt.initial_response).decode() not in message
+
+
+# The rest of the path does not depend on the mechanism ----------------------------------
+
+
+@BOTH
+def test_keep_alive_and_pipelining_hold(smtp_sasl_mechanisms, mailbox, xoauth2_smtp_server):
+    try:
+        for n in range(3):
+            message = EmailMessage(f"K{n}", "Body", SENDER, ["a@example.org", "b@example.org"])
+            assert EmailBackend(keep_alive=True).send_messages([message]) == 1
+    finally:
+        mail_loop.run(pool.close_all())
+
+    (attempt,) = xoauth2_smtp_server.auth_attempts  # one login, kept alive
+    assert attempt.mechanism == smtp_sasl_mechanisms[0]
+    assert [m.rcpt_tos for m in xoauth2_smtp_server.messages] == [
+        ["a@example.org", "b@example.org"]
+    ] * 3
+
+
+def test_the_message_bytes_are_the_same_with_either_mechanism(
+    settings, mailbox, oauth2_server, xoauth2_smtp_server
+):
+    headers = {"Date": "Sun, 06 Dec 2026 04:00:00 +0000", "Message-ID": "<fixed@example.com>"}
+    received = []
+    for mechanism in ("XOAUTH2", "OAUTHBEARER"):
+        use_mechanism(settings, mechanism)
+        message = EmailMessage("Héllo", "Bödy\n.\nend", SENDER, ["to@example.org"], headers=headers)
+        assert message.send() == 1
+        received.append(xoauth2_smtp_server.messages[-1].data)
+
+    assert [a.mechanism for a in xoauth2_smtp_server.auth_attempts] == ["XOAUTH2", "OAUTHBEARER"]
+    assert received[0] == received[1]
