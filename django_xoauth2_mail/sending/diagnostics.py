@@ -26,7 +26,8 @@ HINTS: tuple[tuple[int, str, str], ...] = (
     ),
     (
         535,
-        "5.7.8",
+        # Gmail's wording: other servers (Dovecot) also answer 5.7.8, for other reasons.
+        "5.7.8 Username and Password not accepted",
         "Google refused the token: check that the mailbox was connected with the "
         "https://mail.google.com/ scope and that the address is the account that consented.",
     ),

@@ -18,7 +18,9 @@ from django_xoauth2_mail.exceptions import (
     SMTPConnectionFailed,
 )
 from django_xoauth2_mail.models import MailboxStatus
+from django_xoauth2_mail.providers.base import SMTPEndpoint
 from django_xoauth2_mail.sending import sasl
+from django_xoauth2_mail.sending.diagnostics import explain_auth_failure
 from django_xoauth2_mail.sending.loop import mail_loop
 from django_xoauth2_mail.sending.pool import pool
 from tests.conftest import SENDER
@@ -252,3 +254,19 @@ def test_the_message_bytes_are_the_same_with_either_mechanism(
 
     assert [a.mechanism for a in xoauth2_smtp_server.auth_attempts] == ["XOAUTH2", "OAUTHBEARER"]
     assert received[0] == received[1]
+
+
+def test_a_dovecot_refusal_gets_no_gmail_hint():
+    endpoint = SMTPEndpoint("mail.example.com", 587, "starttls")
+    challenge = {"status": "invalid_token", "scope": "email"}
+    dovecot = explain_auth_failure(
+        SENDER, endpoint, 535, "5.7.8 Authentication credentials invalid", challenge,
+        mechanism="OAUTHBEARER",
+    )  # fmt: skip
+    gmail = explain_auth_failure(
+        SENDER, endpoint, 535, "5.7.8 Username and Password not accepted. Learn more", None
+    )
+
+    assert "refused OAUTHBEARER authentication" in dovecot and "Google" not in dovecot
+    assert "token status invalid_token, expected scope email" in dovecot
+    assert "Google refused the token" in gmail
