@@ -171,14 +171,19 @@ class MailboxAdmin(_ModelAdmin):
             subject=_("Test email from %(email)s") % {"email": mailbox.email},
             body=_(
                 "This test email was sent from the Django admin through the mailbox "
-                "%(email)s over SMTP with OAuth2 (XOAUTH2). It arrived, so the mailbox works."
+                "%(email)s over SMTP with OAuth2 (XOAUTH2 or OAUTHBEARER). It arrived, so the "
+                "mailbox works."
             )
             % {"email": mailbox.email},
             from_email=mailbox.email,
             to=[recipient],
         )
+        # Held open across the send, so its session can tell which mechanism it used.
+        backend = EmailBackend(mailbox=mailbox.email)
+        backend.open()
         try:
-            EmailBackend(mailbox=mailbox.email).send_messages([message])
+            backend.send_messages([message])
+            mechanism = ", ".join(sorted(backend.dispatcher.sasl_mechanisms)) or "OAuth2"
         except (XOAuth2MailError, smtplib.SMTPException, OSError) as exc:
             self.message_user(
                 request,
@@ -187,10 +192,15 @@ class MailboxAdmin(_ModelAdmin):
                 messages.ERROR,
             )
             return
+        finally:
+            backend.close()
         self.message_user(
             request,
-            _("Sent a test email from %(email)s to %(to)s; check that it arrived.")
-            % {"email": mailbox.email, "to": recipient},
+            _(
+                "Sent a test email from %(email)s to %(to)s over SMTP with %(mechanism)s; "
+                "check that it arrived."
+            )
+            % {"email": mailbox.email, "to": recipient, "mechanism": mechanism},
             messages.SUCCESS,
         )
 

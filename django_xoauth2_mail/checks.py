@@ -7,12 +7,18 @@ from __future__ import annotations
 import os
 from collections.abc import Mapping
 from typing import Any
+from urllib.parse import urlsplit
 
 from cryptography.fernet import Fernet
 from django.conf import settings
 from django.core.checks import CheckMessage, Error, Tags, Warning, register
 
-from django_xoauth2_mail.conf import DEFAULTS, PROVIDER_IDS, SMTP_SECURITY_MODES
+from django_xoauth2_mail.conf import (
+    DEFAULTS,
+    PROVIDER_IDS,
+    SASL_MECHANISM_VALUES,
+    SMTP_SECURITY_MODES,
+)
 from django_xoauth2_mail.providers.base import is_loopback, normalized_smtp_security
 
 PROVIDER_KEYS = {
@@ -305,3 +311,91 @@ def check_dev_provider_in_deployment(**kwargs: Any) -> list[CheckMessage]:
     """``check --deploy`` says the settings are for production, whatever DEBUG is; with
     DEBUG=False the check above already reported it (one message, not two)."""
     return _dev_provider_warning() if settings.DEBUG else []
+
+
+# OAUTHBEARER and issuer discovery (xoauth2_mail.E040-E049) ----------------------------
+
+# Provider keys every provider accepts (SASL_MECHANISM) or oauth2 reads (ISSUER).
+PROVIDER_KEYS.update({"SASL_MECHANISM", "ISSUER"})
+
+
+@register(Tags.compatibility)
+def check_standards_settings(**kwargs: Any) -> list[CheckMessage]:
+    """SASL_MECHANISM of every provider, ISSUER of oauth2, DISCOVERY_CACHE_SECONDS: the
+    form only, no network."""
+    value = getattr(settings, "XOAUTH2_MAIL", {})
+    if not isinstance(value, Mapping):
+        return []  # reported as E001
+    messages: list[CheckMessage] = []
+    providers = value.get("PROVIDERS", {})
+    if not isinstance(providers, Mapping):
+        providers = {}  # reported as E005
+    for provider_id, values in providers.items():
+        if not isinstance(values, Mapping):
+            continue  # reported as E009
+        label = f"XOAUTH2_MAIL['PROVIDERS'][{provider_id!r}]"
+        mechanism = values.get("SASL_MECHANISM")
+        if mechanism is not None and mechanism not in SASL_MECHANISM_VALUES:
+            messages.append(
+                _error(
+                    40,
+                    f"{label}['SASL_MECHANISM'] is {mechanism!r}.",
+                    f"Use one of {', '.join(map(repr, SASL_MECHANISM_VALUES))} (exactly so "
+                    "spelled); 'auto' takes XOAUTH2 when the server offers it, else "
+                    "OAUTHBEARER.",
+                )
+            )
+        messages += _check_issuer(provider_id, label, values)
+    cache_seconds = value.get("DISCOVERY_CACHE_SECONDS", DEFAULTS["DISCOVERY_CACHE_SECONDS"])
+    if (
+        isinstance(cache_seconds, bool)
+        or not isinstance(cache_seconds, int | float)
+        or cache_seconds <= 0
+    ):
+        messages.append(
+            _error(
+                44,
+                "XOAUTH2_MAIL['DISCOVERY_CACHE_SECONDS'] must be a positive number of seconds, "
+                f"not {cache_seconds!r}.",
+                "Remove it to reuse discovered metadata for an hour (3600).",
+            )
+        )
+    return messages
+
+
+def _check_issuer(provider_id: Any, label: str, values: Mapping[str, Any]) -> list[CheckMessage]:
+    issuer = values.get("ISSUER")
+    if provider_id == "oauth2" and not issuer and not values.get("TOKEN_URL"):
+        return [
+            _error(
+                43,
+                f"{label} has neither ISSUER nor TOKEN_URL.",
+                "Set ISSUER to the authorization server's issuer URL (its endpoints are then "
+                "read from its metadata), or set TOKEN_URL (and AUTHORIZATION_URL, ...).",
+            )
+        ]
+    if issuer is None:
+        return []
+    if provider_id != "oauth2":  # dev knows its URLs from BASE_URL
+        return [
+            _error(
+                42,
+                f"{label} sets ISSUER, which only the oauth2 provider reads.",
+                "Remove it; this provider knows its own endpoints.",
+            )
+        ]
+    parts = urlsplit(issuer) if isinstance(issuer, str) else None
+    secure = parts is not None and (
+        parts.scheme == "https" or (parts.scheme == "http" and is_loopback(parts.hostname or ""))
+    )
+    if parts is None or not secure or not parts.hostname or parts.query or parts.fragment:
+        return [
+            _error(
+                41,
+                f"{label}['ISSUER'] must be an https URL without query or fragment "
+                f"(RFC 8414 section 2), not {issuer!r}.",
+                "e.g. 'https://id.example.com/realms/mail' for Keycloak: the issuer exactly as "
+                "the server's metadata names it. http is accepted for loopback servers only.",
+            )
+        ]
+    return []

@@ -13,6 +13,9 @@ from django.conf import settings
 
 PROVIDER_IDS = ("google", "microsoft", "oauth2", "dev")
 SMTP_SECURITY_MODES = ("tls", "starttls", "none")
+# A provider's SASL_MECHANISM: "auto" takes XOAUTH2 when the server offers it, else
+# OAUTHBEARER (RFC 7628).
+SASL_MECHANISM_VALUES = ("auto", "XOAUTH2", "OAUTHBEARER")
 
 DEFAULTS: dict[str, Any] = {
     # provider id -> that provider's settings (CLIENT_ID, CLIENT_SECRET, ...).
@@ -34,6 +37,9 @@ DEFAULTS: dict[str, Any] = {
     "SMTP_RETRY_DELAYS": (1.0, 5.0),
     # Security "none" sends tokens in clear: only to loopback unless this is True.
     "ALLOW_INSECURE_SMTP": False,
+    # Seconds an issuer's discovered metadata (oauth2 provider's ISSUER) is reused
+    # before it is read again.
+    "DISCOVERY_CACHE_SECONDS": 3600.0,
 }
 
 
@@ -92,6 +98,10 @@ class Settings:
     @property
     def ALLOW_INSECURE_SMTP(self) -> bool:
         return bool(self.get("ALLOW_INSECURE_SMTP"))
+
+    @property
+    def DISCOVERY_CACHE_SECONDS(self) -> float:
+        return float(self.get("DISCOVERY_CACHE_SECONDS"))
 
 
 conf = Settings()

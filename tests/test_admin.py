@@ -453,13 +453,20 @@ def test_non_staff_is_sent_to_the_login_page(provider_settings, django_user_mode
 # Actions -------------------------------------------------------------------------
 
 
-def test_send_test_email_action_delivers(staff_client, oauth2_server, xoauth2_smtp_server):
+@pytest.mark.parametrize("smtp_sasl_mechanisms", [("XOAUTH2",), ("OAUTHBEARER",)])
+def test_send_test_email_action_delivers(
+    smtp_sasl_mechanisms, staff_client, oauth2_server, xoauth2_smtp_server
+):
     mailbox = make_mailbox(oauth2_server)
 
     response = run_action(staff_client, "send_test_email", mailbox)
 
     (text,) = messages_of(response)
-    assert text == f"Sent a test email from {SENDER} to {STAFF_EMAIL}; check that it arrived."
+    mechanism = smtp_sasl_mechanisms[0]  # named as used
+    assert text == (
+        f"Sent a test email from {SENDER} to {STAFF_EMAIL} over SMTP with {mechanism}; "
+        "check that it arrived."
+    )
     (received,) = xoauth2_smtp_server.messages
     assert (received.mail_from, received.rcpt_tos) == (SENDER, [STAFF_EMAIL])
     assert received.auth_user == SENDER

@@ -175,7 +175,8 @@ def test_connect_a_mailbox_and_send_a_test_email(
     assert connected_message.startswith(f"Connected {SENDER}: ")
     assert status == "Connected"
     assert sent_message == (
-        f"Sent a test email from {SENDER} to {STAFF_EMAIL}; check that it arrived."
+        f"Sent a test email from {SENDER} to {STAFF_EMAIL} over SMTP with XOAUTH2; "
+        "check that it arrived."
     )
     assert [(m.mail_from, m.rcpt_tos, m.auth_user) for m in received] == [
         (SENDER, [STAFF_EMAIL], SENDER)

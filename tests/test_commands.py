@@ -768,3 +768,91 @@ def test_subprocess_ctrl_c(tmp_path, auto_approving):
     assert "Traceback" not in stderr
     assert_closed(port)
     assert not Mailbox.objects.exists()
+
+
+# The SASL mechanism in reports (OAUTHBEARER, RFC 7628) ---------------------------------
+
+
+@pytest.mark.parametrize("smtp_sasl_mechanisms", [("OAUTHBEARER",)])
+def test_connect_mailbox_names_the_mechanism_it_logged_in_with(
+    smtp_sasl_mechanisms, provider_settings, oauth2_server, xoauth2_smtp_server
+):
+    oauth2_server.device_code_interval = 1
+    run = connect("oauth2", "--device")
+    user_code = run.wait_for(r"enter the code ([A-Z]{4}-[A-Z]{4})").group(1)
+    assert oauth2_server.approve_device_code(user_code, SENDER)
+
+    output = run.finish()
+
+    assert f"SMTP login to 127.0.0.1:{xoauth2_smtp_server.port} OK (OAUTHBEARER)." in output
+    [attempt] = xoauth2_smtp_server.auth_attempts
+    assert attempt.accepted and attempt.mechanism == "OAUTHBEARER"
+    assert_no_tokens(output)
+
+
+@pytest.mark.parametrize("smtp_sasl_mechanisms", [("OAUTHBEARER",)])
+def test_send_test_email_names_the_mechanism_it_used(
+    smtp_sasl_mechanisms, oauth2_settings, oauth2_server, xoauth2_smtp_server
+):
+    make_mailbox(oauth2_server)
+
+    stdout, _ = command_output("send_test_email", SENDER)
+
+    port = xoauth2_smtp_server.port
+    assert stdout == (
+        f"Sent a test message from {SENDER} to {SENDER} through 127.0.0.1:{port} "
+        "(SMTP, OAUTHBEARER).\n"
+    )
+    assert [a.mechanism for a in xoauth2_smtp_server.auth_attempts] == ["OAUTHBEARER"]
+    assert_no_tokens(stdout)
+
+
+# connect_mailbox --check: what discovery found (RFC 8414 / OpenID Connect) --------------
+
+
+def test_check_prints_what_was_discovered(settings, oauth2_server):
+    from django_xoauth2_mail.providers import discovery
+
+    discovery.clear_cache()
+    oauth2_server.metadata_changes = {"openid-configuration": {"revocation_endpoint": None}}
+    settings.XOAUTH2_MAIL = {
+        "PROVIDERS": {
+            "oauth2": {
+                "CLIENT_ID": TEST_CLIENT_ID,
+                "ISSUER": oauth2_server.issuer,
+                "USERINFO_URL": "https://id.example/me",
+                "SMTP_HOST": "127.0.0.1",
+            }
+        }
+    }
+
+    stdout, stderr = command_output("connect_mailbox", "oauth2", "--check")
+
+    base = oauth2_server.base_url
+    assert f"Issuer {base}: metadata read and checked." in stdout
+    assert f"Read {base}/.well-known/oauth-authorization-server\n" in stdout
+    assert f"Read {base}/.well-known/openid-configuration\n" in stdout
+    assert f"TOKEN_URL                 {base}/token\n" in stdout
+    assert f"REVOCATION_URL            {base}/revoke\n" in stdout  # from RFC 8414's
+    assert (
+        f"USERINFO_URL              {base}/userinfo  (set explicitly: https://id.example/me "
+        "is used)"
+    ) in stdout
+    assert "PKCE methods              S256" in stdout
+    assert "RFC 9207 iss parameter    no" in stdout
+    assert stderr == ""
+
+
+def test_check_refuses_a_mismatched_issuer_and_a_provider_without_issuer(settings, oauth2_server):
+    from django_xoauth2_mail.providers import discovery
+
+    discovery.clear_cache()
+    settings.XOAUTH2_MAIL = {
+        "PROVIDERS": {"oauth2": {"CLIENT_ID": "c", "ISSUER": oauth2_server.issuer + "/"}}
+    }
+    with pytest.raises(CommandError, match="RFC 8414 requires them to be identical"):
+        call_command("connect_mailbox", "oauth2", "--check")
+
+    settings.XOAUTH2_MAIL = {"PROVIDERS": {"oauth2": {"CLIENT_ID": "c", "TOKEN_URL": "x"}}}
+    with pytest.raises(CommandError, match="has no ISSUER"):
+        call_command("connect_mailbox", "oauth2", "--check")

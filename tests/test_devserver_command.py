@@ -183,7 +183,7 @@ def test_both_servers_answer(devserver: Devserver) -> None:
     with smtplib.SMTP("127.0.0.1", devserver.smtp_port, timeout=5) as client:
         code, _ = client.ehlo()
         assert code == 250
-        assert client.esmtp_features["auth"].split() == ["XOAUTH2"]
+        assert client.esmtp_features["auth"].split() == ["OAUTHBEARER", "XOAUTH2"]
 
 
 def test_banner_says_where_everything_is(devserver: Devserver) -> None:

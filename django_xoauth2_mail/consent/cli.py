@@ -9,6 +9,7 @@ message that says what happened and what to do; :func:`command_errors` turns the
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
 import os
 import sys
@@ -233,7 +234,8 @@ def _exchange(
 
 @sensitive_variables()
 def check_smtp_login(mailbox: Mailbox) -> SMTPEndpoint:
-    """Log in to the mailbox's SMTP server with XOAUTH2 and log out, sending nothing.
+    """Log in to the mailbox's SMTP server (XOAUTH2 or OAUTHBEARER) and log out, sending
+    nothing; the endpoint returned names the SASL mechanism used.
 
     Built like the backend's sessions (dispatch.py): a refused token is refreshed once
     through the token layer and tried again. Raises SMTPAuthenticationFailed or
@@ -259,14 +261,16 @@ def check_smtp_login(mailbox: Mailbox) -> SMTPEndpoint:
         allow_insecure=conf.ALLOW_INSECURE_SMTP,
     )
 
-    async def log_in_and_out() -> None:
+    async def log_in_and_out() -> str | None:
         try:
             await session.open()
+            return session.sasl_mechanism
         finally:
             await session.close()
 
-    mail_loop.run(log_in_and_out())
-    return endpoint
+    used = mail_loop.run(log_in_and_out())
+    # The endpoint as logged in to: sasl_mechanism names the mechanism actually used.
+    return dataclasses.replace(endpoint, sasl_mechanism=used or endpoint.sasl_mechanism)
 
 
 # Output -------------------------------------------------------------------------------

@@ -21,6 +21,7 @@ from collections.abc import Callable
 from pathlib import Path
 from types import TracebackType
 from typing import Any
+from urllib.parse import urlsplit
 
 from django_xoauth2_mail.consent.http_server import ServerThread
 
@@ -41,7 +42,10 @@ from .tls import check_loopback_host, server_ssl_context
 
 # OAuth2Error, pkce_s256 and CODE_LIFETIME were defined here before the split; importing
 # them from this module keeps working.
-__all__ = ["CODE_LIFETIME", "OAuth2Error", "OAuth2Server", "pkce_s256"]
+__all__ = ["CODE_LIFETIME", "METADATA_DOCUMENTS", "OAuth2Error", "OAuth2Server", "pkce_s256"]
+
+# The metadata documents it publishes: RFC 8414's and OpenID Connect Discovery's.
+METADATA_DOCUMENTS = ("oauth-authorization-server", "openid-configuration")
 
 
 class OAuth2Server:
@@ -66,6 +70,7 @@ class OAuth2Server:
         certfile: str | os.PathLike[str] | None = None,
         keyfile: str | os.PathLike[str] | None = None,
         access_token_length: int = 43,
+        issuer_path: str = "",
     ) -> None:
         check_loopback_host(host, allow_non_loopback=allow_non_loopback, what="OAuth2 server")
         if (certfile is None) != (keyfile is None):
@@ -76,6 +81,16 @@ class OAuth2Server:
         self.auto_approve, self.verbose = auto_approve, verbose
         # Microsoft's tokens exceed 2 KB; a long token exercises the AUTH line-length path.
         self.access_token_length = access_token_length
+        # The issuer is base_url + issuer_path ("/realms/mail", like Keycloak's realms); its
+        # metadata is published where RFC 8414 and OpenID Connect Discovery put it.
+        if issuer_path and (not issuer_path.startswith("/") or issuer_path.endswith("/")):
+            raise ValueError("issuer_path must start with '/' and not end with one")
+        self.issuer_path = issuer_path
+        # Which metadata documents are published, and per document fields to change
+        # (None removes one): tests shape real servers' differences with these.
+        self.metadata_documents: set[str] = set(METADATA_DOCUMENTS)
+        self.metadata_changes: dict[str, dict[str, Any]] = {}
+        self._metadata_requests: list[str] = []
         self.token_response_delay = 0.0  # seconds slept before each /token answer
         # The device flow's polling interval and device code lifetime, in seconds.
         self.device_code_interval, self.device_code_lifetime = 5, 600
@@ -132,6 +147,18 @@ class OAuth2Server:
         scheme = "https" if self._ssl_context is not None else "http"
         host = f"[{self.host.strip('[]')}]" if ":" in self.host else self.host
         return f"{scheme}://{host}:{self._port}"
+
+    @property
+    def issuer(self) -> str:
+        """The issuer identifier its metadata names (RFC 8414)."""
+        return self.base_url + self.issuer_path
+
+    def metadata_url(self, document: str = "oauth-authorization-server") -> str:
+        """Where a metadata document is published: ``oauth-authorization-server`` (RFC
+        8414, the well-known part before the issuer's path) or ``openid-configuration``."""
+        if document == "openid-configuration":
+            return f"{self.issuer}/.well-known/openid-configuration"
+        return f"{self.base_url}/.well-known/oauth-authorization-server{self.issuer_path}"
 
     @property
     def authorization_url(self) -> str:
@@ -238,6 +265,7 @@ class OAuth2Server:
             "discovery": lambda request: json_response(
                 200, self._discovery_document(request.tenant)
             ),
+            "metadata": self._metadata_endpoint,
         }
         try:
             return handlers[endpoint](request)
@@ -293,6 +321,26 @@ class OAuth2Server:
         if record.email is None:
             return json_response(200, {"sub": f"client:{record.client_id}"})
         return json_response(200, {"email": record.email, "sub": subject(record.email)})
+
+    @property
+    def metadata_requests(self) -> list[str]:
+        """The path of every metadata request received, oldest first."""
+        with self._lock:
+            return list(self._metadata_requests)
+
+    def _metadata_endpoint(self, request: Request) -> Response:
+        with self._lock:
+            self._metadata_requests.append(request.path)
+        for document in sorted(self.metadata_documents):
+            if urlsplit(self.metadata_url(document)).path == request.path:
+                body = self._discovery_document(None) | {"issuer": self.issuer}
+                for name, value in self.metadata_changes.get(document, {}).items():
+                    if value is None:
+                        body.pop(name, None)
+                    else:
+                        body[name] = value
+                return json_response(200, body)
+        return json_response(404, {"error": "not_found", "error_description": request.path})
 
     def _discovery_document(self, tenant: str | None) -> dict[str, Any]:
         prefix = f"{self.base_url}/{tenant}/oauth2/v2.0" if tenant else self.base_url

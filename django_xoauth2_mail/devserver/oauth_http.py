@@ -41,6 +41,9 @@ _TENANT_ROUTE = re.compile(
     r"^/(?P<tenant>[^/]+)/(?:oauth2/v2\.0/(?P<endpoint>authorize|token|devicecode)"
     r"|v2\.0/(?P<discovery>\.well-known/openid-configuration))$"
 )
+# RFC 8414 section 3.1 puts the issuer's path after this; OpenID Connect appends that.
+RFC8414_PREFIX = "/.well-known/oauth-authorization-server"
+OIDC_SUFFIX = "/.well-known/openid-configuration"
 _ROUTES = {
     "/authorize": "authorize",
     "/token": "token",
@@ -48,8 +51,8 @@ _ROUTES = {
     "/device": "device",  # the verification page, where a person enters the user code
     "/revoke": "revoke",
     "/userinfo": "userinfo",
-    "/.well-known/openid-configuration": "discovery",
-    "/.well-known/oauth-authorization-server": "discovery",
+    "/.well-known/openid-configuration": "metadata",
+    "/.well-known/oauth-authorization-server": "metadata",
 }
 
 
@@ -156,6 +159,9 @@ class _RequestHandler(BaseHTTPRequestHandler):
         match = _TENANT_ROUTE.match(url.path)
         if match:
             endpoint, tenant = match["endpoint"] or "discovery", match["tenant"]
+        elif url.path.startswith(RFC8414_PREFIX) or url.path.endswith(OIDC_SUFFIX):
+            # Metadata of an issuer with a path: which document the app decides.
+            endpoint = "metadata"
         if endpoint is None:
             self._send(json_response(404, {"error": "not_found", "error_description": url.path}))
             return

@@ -1,4 +1,5 @@
-"""An SMTP server that, like Gmail and Microsoft 365, accepts mail only after AUTH XOAUTH2.
+"""An SMTP server that, like Gmail and Microsoft 365, accepts mail only after AUTH XOAUTH2
+or, like Dovecot and other standards-compliant servers, AUTH OAUTHBEARER (RFC 7628).
 
 It runs aiosmtpd's ``Controller`` (an event loop in a daemon thread) and records every message
 and every authentication attempt, so tests can assert on the exact bytes and envelope the
@@ -19,7 +20,7 @@ import os
 import socket
 import tempfile
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
@@ -47,6 +48,10 @@ BAD_CREDENTIALS = (
 )
 # What Gmail base64-encodes in its 334 challenge after a bad token.
 ERROR_CHALLENGE = {"status": "401", "schemes": "Bearer", "scope": "https://mail.google.com/"}
+# RFC 7628 section 3.2.2: an RFC 6750 error code, the scope, and where the issuer that
+# the server trusts publishes its metadata (added when the server knows it).
+OAUTHBEARER_ERROR_CHALLENGE = {"status": "invalid_token", "scope": "https://mail.google.com/"}
+MECHANISMS = ("XOAUTH2", "OAUTHBEARER")
 # aiosmtpd's fixed wording for an overlong command; servers that cap AUTH lines say this.
 _AIOSMTPD_TOO_LONG = "500 Command line too long"
 # Scripted "replies" that misbehave instead of answering (see scripted_replies).
@@ -77,6 +82,11 @@ class AuthAttempt:
     temporary_failure: bool = False
     # Kept so tests can tell which token a client used, but never shown in logs or diffs.
     token: str = field(default="", repr=False)
+    mechanism: str = "XOAUTH2"
+    # The decoded initial response, byte for byte (it holds the token).
+    initial_response: bytes = field(default=b"", repr=False)
+    # The client's raw line after the server's error challenge (None: no challenge).
+    answer_to_challenge: bytes | None = None
 
 
 def parse_xoauth2_response(payload: bytes) -> tuple[str, str] | None:
@@ -93,6 +103,34 @@ def parse_xoauth2_response(payload: bytes) -> tuple[str, str] | None:
     if not user or scheme.lower() != "bearer" or not token:
         return None
     return user, token
+
+
+def parse_oauthbearer_response(payload: bytes) -> tuple[str, str] | None:
+    """Split RFC 7628's ``n,a=ADDR,^Ahost=...^Aport=...^Aauth=Bearer TOKEN^A^A`` into
+    (ADDR, TOKEN), else None. ADDR is "" when the GS2 header names no authzid."""
+    try:
+        text = payload.decode("utf-8")
+    except UnicodeDecodeError:
+        return None
+    header, separator, rest = text.partition("\x01")
+    flag, _, after_flag = header.partition(",")
+    authzid, comma, tail = after_flag.partition(",")
+    if not separator or flag not in ("n", "y") or not comma or tail or not rest.endswith("\x01"):
+        return None
+    if authzid and not authzid.startswith("a="):
+        return None
+    user = authzid[2:].replace("=2C", ",").replace("=3D", "=")
+    fields = dict(part.partition("=")[::2] for part in rest[:-2].split("\x01") if part)
+    scheme, _, token = fields.get("auth", "").partition(" ")
+    if scheme.lower() != "bearer" or not token:
+        return None
+    return user, token
+
+
+PARSERS: dict[str, Callable[[bytes], tuple[str, str] | None]] = {
+    "XOAUTH2": parse_xoauth2_response,
+    "OAUTHBEARER": parse_oauthbearer_response,
+}
 
 
 class _SameLimitForEveryCommand(dict[str, int]):
@@ -165,6 +203,12 @@ class _XOAuth2Protocol(SMTP):
                 chunks.append(await self._reader.read(error.consumed))
 
     async def auth_XOAUTH2(self, _: SMTP, args: list[str]) -> AuthResult:
+        return await self._oauth2_exchange("XOAUTH2", args)
+
+    async def auth_OAUTHBEARER(self, _: SMTP, args: list[str]) -> AuthResult:
+        return await self._oauth2_exchange("OAUTHBEARER", args)
+
+    async def _oauth2_exchange(self, mechanism: str, args: list[str]) -> AuthResult:
         on_auth_line = len(args) == 2
         if on_auth_line:
             blob = args[1].encode("ascii", "replace")
@@ -175,23 +219,27 @@ class _XOAuth2Protocol(SMTP):
                 await self.push("501 5.7.0 Authentication aborted")
                 return AuthResult(success=False, handled=True)
         try:
-            credentials = parse_xoauth2_response(base64.b64decode(blob, validate=True))
+            payload = base64.b64decode(blob, validate=True)
+            credentials = PARSERS[mechanism](payload)
         except (binascii.Error, ValueError):
             credentials = None
         if credentials is None:
             await self.push(CANNOT_DECODE)
             return AuthResult(success=False, handled=True)
         user, token = credentials
-        accepted = await self._devserver._check_token(user, token, on_auth_line)
+        server = self._devserver
+        accepted = await server._check_token(user, token, on_auth_line, mechanism, payload)
         if accepted is None:
             await self.push(TEMPORARY_FAILURE)
             return AuthResult(success=False, handled=True)
         if accepted:
             return AuthResult(success=True, message=ACCEPTED, auth_data=user)
-        challenge = base64.b64encode(json.dumps(ERROR_CHALLENGE).encode()).decode()
-        await self.push(f"334 {challenge}")
-        # Like Gmail, end the exchange whatever the client answers (it should be empty).
-        await self._read_client_line()
+        challenge = base64.b64encode(json.dumps(server.error_challenge(mechanism)).encode())
+        await self.push(f"334 {challenge.decode()}")
+        # Like Gmail and Dovecot, end the exchange whatever the client answers (it should
+        # be an empty line for XOAUTH2, a base64 %x01 for OAUTHBEARER): record it.
+        answer = await self._read_client_line()
+        server._record_answer(token, answer.rstrip(b"\r\n"))
         for line in BAD_CREDENTIALS:
             await self.push(line)
         return AuthResult(success=False, handled=True)
@@ -279,7 +327,11 @@ class _SocketController(Controller):
 
 
 class XOAuth2SMTPServer:
-    """A local SMTP server that accepts mail only after a valid AUTH XOAUTH2.
+    """A local SMTP server that accepts mail only after a valid AUTH XOAUTH2 or OAUTHBEARER.
+
+    ``mechanisms`` are the ones it offers (both by default; ``("OAUTHBEARER",)`` acts like a
+    Dovecot set to the standard mechanism only). ``openid_configuration`` is the metadata
+    URL named in OAUTHBEARER's error challenge.
 
     ``validate_token(user, token)`` decides; it runs in a worker thread, and an exception
     from it is answered like an unreachable token service (454, temporary). ``security`` is
@@ -305,10 +357,15 @@ class XOAuth2SMTPServer:
         temporary_auth_failure: bool = False,
         allow_non_loopback: bool = False,
         pipelining: bool = True,
+        mechanisms: Sequence[str] = MECHANISMS,
+        openid_configuration: str | None = None,
     ) -> None:
         check_loopback_host(host, allow_non_loopback=allow_non_loopback, what="SMTP server")
         if security not in ("none", "starttls", "tls"):
             raise ValueError(f"security must be 'none', 'starttls' or 'tls', not {security!r}")
+        unknown = set(mechanisms) - set(MECHANISMS)
+        if unknown:
+            raise ValueError(f"mechanisms must be some of {MECHANISMS}, not {mechanisms!r}")
         if max_line_length < 100:
             raise ValueError("max_line_length below 100 octets would refuse ordinary commands")
         self.validate_token = validate_token
@@ -325,6 +382,10 @@ class XOAuth2SMTPServer:
         self.temporary_auth_failure = temporary_auth_failure
         self.reject_recipients: dict[str, str] = {}
         self.pipelining = pipelining
+        # The SASL mechanisms offered (XOAUTH2 like Gmail, OAUTHBEARER like Dovecot).
+        self.mechanisms = tuple(mechanisms)
+        # The issuer metadata URL named in OAUTHBEARER's error challenge (RFC 7628 3.2.2).
+        self.openid_configuration = openid_configuration
         # Fault injection: command -> replies to give, in order, instead of the normal one.
         # Commands: "MAIL", "RCPT", "DATA_END" (the reply to the message itself) and
         # "AFTER_MESSAGE" (DROP closes the connection after a message was accepted).
@@ -394,7 +455,11 @@ class XOAuth2SMTPServer:
             "require_starttls": self.security == "starttls",
             # Implicit TLS is invisible to aiosmtpd's check, which knows only STARTTLS.
             "auth_require_tls": self.security == "starttls",
-            "auth_exclude_mechanism": ["PLAIN", "LOGIN"],
+            "auth_exclude_mechanism": [
+                "PLAIN",
+                "LOGIN",
+                *(name for name in MECHANISMS if name not in self.mechanisms),
+            ],
         }
 
         def factory() -> SMTP:
@@ -435,7 +500,33 @@ class XOAuth2SMTPServer:
 
     # Called from the server's event loop thread.
 
-    async def _check_token(self, user: str, token: str, on_auth_line: bool) -> bool | None:
+    def error_challenge(self, mechanism: str) -> dict[str, str]:
+        """The JSON the server sends (base64) in its 334 after refusing a token."""
+        if mechanism == "XOAUTH2":
+            return dict(ERROR_CHALLENGE)
+        challenge = dict(OAUTHBEARER_ERROR_CHALLENGE)
+        if self.openid_configuration:
+            challenge["openid-configuration"] = self.openid_configuration
+        return challenge
+
+    def _record_answer(self, token: str, answer: bytes) -> None:
+        # Onto the newest attempt with this token: other connections may have tried since.
+        with self._condition:
+            for index in reversed(range(len(self._auth_attempts))):
+                attempt = self._auth_attempts[index]
+                if attempt.token == token and attempt.answer_to_challenge is None:
+                    replaced = dataclasses.replace(attempt, answer_to_challenge=answer)
+                    self._auth_attempts[index] = replaced
+                    return
+
+    async def _check_token(
+        self,
+        user: str,
+        token: str,
+        on_auth_line: bool,
+        mechanism: str = "XOAUTH2",
+        initial_response: bytes = b"",
+    ) -> bool | None:
         """True/False for a valid/invalid token, None for a temporary failure."""
         accepted: bool | None = None
         if not self.temporary_auth_failure:
@@ -450,6 +541,8 @@ class XOAuth2SMTPServer:
             initial_response_on_auth_line=on_auth_line,
             temporary_failure=accepted is None,
             token=token,
+            mechanism=mechanism,
+            initial_response=initial_response,
         )
         with self._condition:
             self._auth_attempts.append(attempt)

@@ -76,6 +76,9 @@ class SMTPEndpoint:
     port: int
     security: SMTPSecurity
     ca_file: str | None = None
+    # The provider's SASL_MECHANISM: "XOAUTH2", "OAUTHBEARER" or "auto" (XOAUTH2 when
+    # the server offers it, else OAUTHBEARER).
+    sasl_mechanism: str = "auto"
 
     def __post_init__(self) -> None:
         # Every endpoint is checked where it is built, whoever builds it: the session
@@ -176,6 +179,7 @@ class Provider:
             port=int(self.settings.get("SMTP_PORT", default.port)),
             security=security,
             ca_file=self.settings.get("SMTP_CA_FILE", default.ca_file),
+            sasl_mechanism=str(self.settings.get("SASL_MECHANISM") or "auto"),
         )
 
     @property
@@ -225,6 +229,18 @@ class Provider:
 
     def revoke_token(self, token: str) -> bool:
         """Revoke a refresh token at the provider; False where it offers no revocation."""
+        return False
+
+    # Authorization server identity (RFC 8414 / RFC 9207). ----------------
+
+    @property
+    def issuer(self) -> str | None:
+        """The authorization server's issuer identifier, when configured."""
+        return None
+
+    @property
+    def requires_iss(self) -> bool:
+        """True when authorization responses must carry ``iss`` (RFC 9207)."""
         return False
 
 

@@ -1,4 +1,5 @@
-"""Any OAuth2 server, configured entirely by URLs in settings."""
+"""Any OAuth2 server, configured by its issuer URL (endpoints discovered from its
+metadata, see discovery.py) or by its endpoint URLs; explicitly set URLs win."""
 
 from __future__ import annotations
 
@@ -8,18 +9,21 @@ import requests
 from django.views.decorators.debug import sensitive_variables
 
 from django_xoauth2_mail.conf import conf
-from django_xoauth2_mail.providers import device_grant
+from django_xoauth2_mail.exceptions import ConfigurationError, TokenRefreshError
+from django_xoauth2_mail.providers import device_grant, discovery
 from django_xoauth2_mail.providers.base import (
     ConsentResult,
     DeviceFlow,
     Provider,
     SMTPEndpoint,
+    TokenEndpointError,
     TokenResult,
     authorization_request_url,
     expiry_from,
     id_token_claims,
     post_token_request,
 )
+from django_xoauth2_mail.providers.discovery import DISCOVERED_SETTINGS, ServerMetadata
 
 
 class OAuth2Provider(Provider):
@@ -27,10 +31,32 @@ class OAuth2Provider(Provider):
     name = "OAuth2 server"
     # No sensible default host: SMTP_HOST is required (see required_settings).
     default_smtp = SMTPEndpoint(host="", port=587, security="starttls")
-    required_settings: ClassVar[tuple[str, ...]] = ("CLIENT_ID", "TOKEN_URL", "SMTP_HOST")
+    # And TOKEN_URL or ISSUER (checks.py, xoauth2_mail.E043).
+    required_settings: ClassVar[tuple[str, ...]] = ("CLIENT_ID", "SMTP_HOST")
 
     def _setting(self, key: str) -> str:
-        return str(self.settings.get(key) or "")
+        value = self.settings.get(key)
+        if value or key not in DISCOVERED_SETTINGS or not self.issuer:
+            return str(value or "")
+        # Fetched on first need (a refresh, a consent), then cached for the process.
+        return self.metadata().endpoint(key) or ""
+
+    @property
+    def issuer(self) -> str | None:
+        return str(self.settings.get("ISSUER") or "") or None
+
+    def metadata(self) -> ServerMetadata:
+        """The ISSUER's metadata; raises ConfigurationError or MetadataUnavailable."""
+        if not self.issuer:
+            raise ConfigurationError(
+                f"The {self.id} provider has no ISSUER to read metadata from. Set "
+                f"XOAUTH2_MAIL['PROVIDERS'][{self.id!r}]['ISSUER']."
+            )
+        return discovery.server_metadata(self.issuer)
+
+    @property
+    def requires_iss(self) -> bool:
+        return self.issuer is not None and self.metadata().iss_parameter_supported
 
     @sensitive_variables()
     def _client_auth(self) -> dict[str, str]:
@@ -55,8 +81,15 @@ class OAuth2Provider(Provider):
     def authorization_url(
         self, *, redirect_uri: str, state: str, code_challenge: str, login_hint: str | None = None
     ) -> str:
+        try:
+            endpoint = self._setting("AUTHORIZATION_URL")
+        except TokenEndpointError as exc:
+            raise TokenRefreshError(
+                f"Could not find the {self.name}'s authorization endpoint: {exc}. Try again "
+                "later, or set AUTHORIZATION_URL."
+            ) from None
         return authorization_request_url(
-            self._setting("AUTHORIZATION_URL"),
+            endpoint,
             client_id=self._setting("CLIENT_ID"),
             redirect_uri=redirect_uri,
             scopes=self.scopes,
@@ -88,7 +121,10 @@ class OAuth2Provider(Provider):
         claims = id_token_claims(payload.get("id_token"))
         if isinstance(claims.get("email"), str):
             return str(claims["email"])
-        url = self._setting("USERINFO_URL")
+        try:
+            url = self._setting("USERINFO_URL")
+        except TokenEndpointError:
+            return None  # metadata unreadable just now: the address comes from --email
         if not url:
             return None
         try:
@@ -117,7 +153,10 @@ class OAuth2Provider(Provider):
 
     @sensitive_variables()
     def revoke_token(self, token: str) -> bool:
-        url = self._setting("REVOCATION_URL")
+        try:
+            url = self._setting("REVOCATION_URL")
+        except TokenEndpointError:
+            return False  # best effort: the caller says the grant may still be alive
         if not url:
             return False
         data = {"token": token, "token_type_hint": "refresh_token"} | self._client_auth()

@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from django_xoauth2_mail.providers.base import SMTPEndpoint
+from django_xoauth2_mail.sending.sasl import describe_challenge
 
 # (reply code, enhanced status or text fragment) -> what usually causes it.
 HINTS: tuple[tuple[int, str, str], ...] = (
@@ -25,7 +26,8 @@ HINTS: tuple[tuple[int, str, str], ...] = (
     ),
     (
         535,
-        "5.7.8",
+        # Gmail's wording: other servers (Dovecot) also answer 5.7.8, for other reasons.
+        "5.7.8 Username and Password not accepted",
         "Google refused the token: check that the mailbox was connected with the "
         "https://mail.google.com/ scope and that the address is the account that consented.",
     ),
@@ -43,15 +45,14 @@ def explain_auth_failure(
     code: int,
     message: str,
     challenge: dict[str, Any] | None,
+    *,
+    mechanism: str = "XOAUTH2",
 ) -> str:
     text = (
-        f"The SMTP server {endpoint.host}:{endpoint.port} refused XOAUTH2 authentication "
+        f"The SMTP server {endpoint.host}:{endpoint.port} refused {mechanism} authentication "
         f"for {username} with {code} {message.strip()}"
     )
-    if challenge:
-        status = challenge.get("status")
-        scope = challenge.get("scope")
-        text += f" (token status {status}" + (f", expected scope {scope}" if scope else "") + ")"
+    text += describe_challenge(challenge)
     text += ", after one token refresh and retry."
     for hint_code, fragment, hint in HINTS:
         if code == hint_code and fragment in message:

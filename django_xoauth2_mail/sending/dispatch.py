@@ -69,6 +69,12 @@ class Dispatcher:
         if self._pid != os.getpid():
             self._held, self._pid = {}, os.getpid()
 
+    @property
+    def sasl_mechanisms(self) -> set[str]:
+        """The SASL mechanisms the held sessions logged in with (for reports)."""
+        sessions = (session for held in self._held.values() for session in held)
+        return {session.sasl_mechanism for session in sessions if session.sasl_mechanism}
+
     async def run(self, jobs: list[MailboxJob]) -> None:
         """Run every job; never raises for a job's failure (each job records its own)."""
         await asyncio.gather(*(self._run_job_recording(job) for job in jobs if job.items))

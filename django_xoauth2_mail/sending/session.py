@@ -9,18 +9,15 @@ message whether it was delivered, refused (and to whom), or undetermined.
 from __future__ import annotations
 
 import asyncio
-import base64
 import functools
-import json
 import logging
 import os
 import ssl
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Literal
 
 import aiosmtplib
-from aiosmtplib.auth import auth_xoauth2_encode
 from aiosmtplib.typing import Default
 from django.views.decorators.debug import sensitive_variables
 
@@ -33,6 +30,12 @@ from django_xoauth2_mail.providers.base import SMTPEndpoint, is_loopback
 from django_xoauth2_mail.sending.diagnostics import explain_auth_failure
 from django_xoauth2_mail.sending.messages import Envelope
 from django_xoauth2_mail.sending.ratelimit import SlidingWindowLimiter
+from django_xoauth2_mail.sending.sasl import (
+    Mechanism,
+    SASLRefused,
+    authenticate,
+    choose_mechanism,
+)
 from django_xoauth2_mail.sending.transaction import (
     TRANSIENT_CODES,
     ConnectionLostBeforeData,
@@ -42,26 +45,45 @@ from django_xoauth2_mail.sending.transaction import (
 
 logger = logging.getLogger(__name__)
 
-# RFC 5321 caps a command line at 512 octets; longer XOAUTH2 responses (Microsoft
-# tokens run past 2 KB) go on their own line after the server's 334 (RFC 4954 §4).
-MAX_AUTH_LINE = 512
-
 # Called with the token the server just refused (or None): returns a token to try.
 TokenSource = Callable[[str | None], Awaitable[str]]
 
 
-class XOAuth2Refused(aiosmtplib.SMTPAuthenticationError):
-    """An XOAUTH2 refusal, with the server's decoded JSON challenge when it sent one."""
-
-    def __init__(self, code: int, message: str, challenge: dict[str, Any] | None) -> None:
-        super().__init__(code, message)
-        self.challenge = challenge
+# The refusal of either mechanism (the name predates OAUTHBEARER).
+XOAuth2Refused = SASLRefused
 
 
 class XOAuth2Client(aiosmtplib.SMTP):
-    """aiosmtplib's client with an XOAUTH2 exchange that keeps the server's
-    error detail (aiosmtplib drops the 334 JSON) and sends long tokens after
-    a 334 instead of on an over-long AUTH line."""
+    """aiosmtplib's client, logging in with the OAuth2 mechanism the settings and the
+    server allow (aiosmtplib knows only XOAUTH2), keeping the server's error detail
+    and sending long tokens after a 334 instead of on an over-long AUTH line."""
+
+    sasl_mechanism: str = "auto"  # the provider's SASL_MECHANISM setting
+    mechanism_used: Mechanism | None = None
+
+    async def _maybe_login_on_connect(self) -> None:
+        if self._oauth_token_generator is None or self._login_username is None:
+            await super()._maybe_login_on_connect()
+            return
+        await self._ehlo_or_helo_if_needed()
+        mechanism = choose_mechanism(self.sasl_mechanism, self.server_auth_methods)
+        token = await self._oauth_token_generator()
+        await self.auth_oauth2(mechanism, self._login_username, token)
+
+    @sensitive_variables()
+    async def auth_oauth2(
+        self,
+        mechanism: Mechanism,
+        username: str | bytes,
+        access_token: str | bytes,
+        *,
+        timeout: float | Literal[Default.token] | None = Default.token,
+    ) -> aiosmtplib.SMTPResponse:
+        await self._ehlo_or_helo_if_needed()
+        self.mechanism_used = mechanism
+        user = username.decode() if isinstance(username, bytes) else username
+        token = access_token.decode() if isinstance(access_token, bytes) else access_token
+        return await authenticate(self, mechanism, user, token, timeout=timeout)
 
     @sensitive_variables()
     async def auth_xoauth2(
@@ -72,26 +94,7 @@ class XOAuth2Client(aiosmtplib.SMTP):
         *,
         timeout: float | Literal[Default.token] | None = Default.token,
     ) -> aiosmtplib.SMTPResponse:
-        await self._ehlo_or_helo_if_needed()
-        initial_response = auth_xoauth2_encode(username, access_token)
-        if len(b"AUTH XOAUTH2 " + initial_response + b"\r\n") <= MAX_AUTH_LINE:
-            response = await self.execute_command(
-                b"AUTH", b"XOAUTH2", initial_response, timeout=timeout
-            )
-        else:
-            response = await self.execute_command(b"AUTH", b"XOAUTH2", timeout=timeout)
-            if response.code != 334:
-                raise XOAuth2Refused(response.code, response.message, None)
-            response = await self.execute_command(initial_response, timeout=timeout)
-        challenge = None
-        if response.code == 334:
-            # The server explains the refusal in a base64 JSON challenge and
-            # waits for an empty line before its final reply.
-            challenge = decode_challenge(response.message)
-            response = await self.execute_command(b"", timeout=timeout)
-        if response.code != 235:
-            raise XOAuth2Refused(response.code, response.message, challenge)
-        return response
+        return await self.auth_oauth2("XOAUTH2", username, access_token, timeout=timeout)
 
 
 def tls_flags(security: str) -> tuple[bool, bool]:
@@ -125,14 +128,6 @@ def tls_context_for(ca_file: str | None) -> ssl.SSLContext:
 def _tls_context(ca_file: str | None, mtime: float | None) -> ssl.SSLContext:
     # ``mtime`` is part of the key: a replaced CA file is read again.
     return ssl.create_default_context(cafile=ca_file)
-
-
-def decode_challenge(message: str) -> dict[str, Any] | None:
-    try:
-        decoded = json.loads(base64.b64decode(message.strip(), validate=True))
-    except ValueError:
-        return None
-    return decoded if isinstance(decoded, dict) else None
 
 
 @dataclass
@@ -180,13 +175,18 @@ class SMTPSession:
     def is_open(self) -> bool:
         return self.client is not None and self.client.is_connected
 
+    @property
+    def sasl_mechanism(self) -> str | None:
+        """The mechanism the open connection logged in with."""
+        return self.client.mechanism_used if self.client is not None else None
+
     def _new_client(self, token_generator: Callable[[], Awaitable[str]]) -> XOAuth2Client:
         endpoint = self.endpoint
         use_tls, start_tls = tls_flags(endpoint.security)
         tls_context = None
         if use_tls or start_tls:
             tls_context = tls_context_for(endpoint.ca_file)
-        return XOAuth2Client(
+        client = XOAuth2Client(
             hostname=endpoint.host,
             port=endpoint.port,
             use_tls=use_tls,
@@ -197,6 +197,8 @@ class SMTPSession:
             username=self.username,
             oauth_token_generator=token_generator,
         )
+        client.sasl_mechanism = endpoint.sasl_mechanism
+        return client
 
     @sensitive_variables()
     async def open(self) -> None:
@@ -230,7 +232,12 @@ class SMTPSession:
     def _auth_error(self, exc: XOAuth2Refused) -> SMTPAuthenticationFailed:
         return SMTPAuthenticationFailed(
             explain_auth_failure(
-                self.username, self.endpoint, exc.code, exc.message, exc.challenge
+                self.username,
+                self.endpoint,
+                exc.code,
+                exc.message,
+                exc.challenge,
+                mechanism=exc.mechanism,
             ),
             mailbox=self.username,
             smtp_code=exc.code,

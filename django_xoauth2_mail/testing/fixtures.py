@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 
 from django_xoauth2_mail.testing import (
+    SASL_MECHANISMS,
     OAuth2Server,
     XOAuth2SMTPServer,
     make_self_signed_certificate,
@@ -21,6 +22,7 @@ __all__ = [
     "TEST_CLIENT_ID",
     "TEST_CLIENT_SECRET",
     "oauth2_server",
+    "smtp_sasl_mechanisms",
     "tls_certificate",
     "xoauth2_smtp_server",
 ]
@@ -38,9 +40,24 @@ def oauth2_server() -> Iterator[OAuth2Server]:
 
 
 @pytest.fixture
-def xoauth2_smtp_server(oauth2_server: OAuth2Server) -> Iterator[XOAuth2SMTPServer]:
-    """A running plain-TCP XOAuth2SMTPServer that accepts tokens ``oauth2_server`` issued."""
-    with XOAuth2SMTPServer(oauth2_server.validate_access_token) as server:
+def smtp_sasl_mechanisms() -> tuple[str, ...]:
+    """The SASL mechanisms ``xoauth2_smtp_server`` offers: both by default. Override this
+    fixture, or parametrize it (``@pytest.mark.parametrize("smtp_sasl_mechanisms",
+    [("XOAUTH2",), ("OAUTHBEARER",)])``), to test against a server that offers one."""
+    return SASL_MECHANISMS
+
+
+@pytest.fixture
+def xoauth2_smtp_server(
+    oauth2_server: OAuth2Server, smtp_sasl_mechanisms: tuple[str, ...]
+) -> Iterator[XOAuth2SMTPServer]:
+    """A running plain-TCP XOAuth2SMTPServer that accepts tokens ``oauth2_server`` issued,
+    with the mechanisms ``smtp_sasl_mechanisms`` names."""
+    with XOAuth2SMTPServer(
+        oauth2_server.validate_access_token,
+        mechanisms=smtp_sasl_mechanisms,
+        openid_configuration=f"{oauth2_server.base_url}/.well-known/openid-configuration",
+    ) as server:
         yield server
 
 

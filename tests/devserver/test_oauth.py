@@ -419,3 +419,26 @@ def test_testing_package_does_not_import_pytest():
         [sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=30
     )
     assert result.stdout.strip() == "False"
+
+
+def test_publishes_rfc_8414_and_openid_metadata_for_an_issuer_with_a_path():
+    with OAuth2Server(issuer_path="/realms/mail") as server:
+        base = server.base_url
+        rfc8414 = requests.get(f"{base}/.well-known/oauth-authorization-server/realms/mail")
+        oidc = requests.get(f"{base}/realms/mail/.well-known/openid-configuration")
+        misplaced = requests.get(f"{base}/realms/mail/.well-known/oauth-authorization-server")
+        root = requests.get(f"{base}/.well-known/openid-configuration")
+
+        server.metadata_documents = {"openid-configuration"}
+        server.metadata_changes = {"openid-configuration": {"userinfo_endpoint": None}}
+        withdrawn = requests.get(server.metadata_url("oauth-authorization-server"))
+        changed = requests.get(server.metadata_url("openid-configuration")).json()
+
+    for response in (rfc8414, oidc):
+        document = response.json()
+        assert document["issuer"] == f"{base}/realms/mail" == server.issuer
+        assert document["token_endpoint"] == server.token_url
+        assert document["code_challenge_methods_supported"] == ["S256"]
+    assert misplaced.status_code == root.status_code == withdrawn.status_code == 404
+    assert "userinfo_endpoint" not in changed and changed["revocation_endpoint"]
+    assert server.metadata_requests[0] == "/.well-known/oauth-authorization-server/realms/mail"

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import json
+import smtplib
 import socket
 import ssl
 import threading
@@ -278,7 +279,7 @@ def test_implicit_tls_with_a_generated_certificate(oauth2_server, access_token):
         assert server.certfile is not None
         context = client_context(server.certfile)
         extensions = run(server, session, use_tls=True, tls_context=context)
-        assert "starttls" not in extensions and extensions["auth"] == "XOAUTH2"
+        assert "starttls" not in extensions and extensions["auth"] == "OAUTHBEARER XOAUTH2"
         assert len(server.wait_for_messages(1)) == 1
         # Without the generated certificate as CA, the handshake fails.
         untrusted = ssl.create_default_context()
@@ -298,7 +299,7 @@ def test_ehlo_advertisements(oauth2_server):
 
     with server:
         extensions = run(server, session)
-    assert extensions["auth"] == "XOAUTH2"
+    assert extensions["auth"] == "OAUTHBEARER XOAUTH2"
     assert extensions["size"] == "1000"
     assert {"smtputf8", "8bitmime", "pipelining"} <= extensions.keys()
     assert "starttls" not in extensions
@@ -375,3 +376,22 @@ def test_stop_is_fast_with_a_client_still_connected(oauth2_server):
 def test_non_loopback_host_is_refused(host):
     with pytest.raises(ValueError, match="allow_non_loopback=True"):
         XOAuth2SMTPServer(lambda user, token: True, host=host)
+
+
+def test_offers_only_the_mechanisms_asked_for():
+    server = XOAuth2SMTPServer(lambda user, token: True, mechanisms=("OAUTHBEARER",))
+    with server, smtplib.SMTP("127.0.0.1", server.port, timeout=5) as client:
+        client.ehlo()
+        assert client.esmtp_features["auth"].strip() == "OAUTHBEARER"
+        code, _ = client.docmd("AUTH", "XOAUTH2")
+    assert code == 504  # aiosmtpd: unrecognized authentication type
+
+
+def test_oauthbearer_without_an_authzid_or_with_garbage():
+    from django_xoauth2_mail.devserver.smtp import parse_oauthbearer_response
+
+    assert parse_oauthbearer_response(b"n,,\x01auth=Bearer tok\x01\x01") == ("", "tok")
+    assert parse_oauthbearer_response(b"n,a=a=2Cb@x,\x01auth=Bearer t\x01\x01") == ("a,b@x", "t")
+    assert parse_oauthbearer_response(b"p=tls-unique,,\x01auth=Bearer t\x01\x01") is None
+    assert parse_oauthbearer_response(b"n,a=u@x,\x01auth=Basic t\x01\x01") is None
+    assert parse_oauthbearer_response(b"user=u@x\x01auth=Bearer t\x01\x01") is None

@@ -24,8 +24,9 @@ from django_xoauth2_mail.consent.device_flow import consent_by_device
 from django_xoauth2_mail.consent.flows import ConsentError, resolve_email, save_consent
 from django_xoauth2_mail.exceptions import XOAuth2MailError
 from django_xoauth2_mail.models import Mailbox, MailboxStatus, normalize_address
-from django_xoauth2_mail.providers import get_provider
-from django_xoauth2_mail.providers.base import ConsentResult, Provider
+from django_xoauth2_mail.providers import discovery, get_provider
+from django_xoauth2_mail.providers.base import ConsentResult, Provider, TokenEndpointError
+from django_xoauth2_mail.providers.oauth2 import OAuth2Provider
 from django_xoauth2_mail.tokens import get_access_token
 
 # Providers whose consent runs the device flow unless --loopback is given: Microsoft's
@@ -94,12 +95,21 @@ class Command(BaseCommand):
             action="store_true",
             help="Do not check the new credentials with an SMTP login.",
         )
+        parser.add_argument(
+            "--check",
+            action="store_true",
+            help="Connect nothing: read the oauth2 provider's ISSUER metadata now and print "
+            "the endpoints it names and the ones in use.",
+        )
 
     def handle(self, *args: Any, **options: Any) -> None:
         self.stdin = options.get("stdin") or sys.stdin
         _check_numbers(options)
         with command_errors():
             provider = get_provider(options["provider"])
+            if options["check"]:
+                self._print_discovery(provider)
+                return
             if options["no_consent"]:
                 mailbox, was = self._add_without_consent(provider, options["email"])
             else:
@@ -241,7 +251,36 @@ class Command(BaseCommand):
                 f"is fixed, `python manage.py send_test_email {mailbox.email}` checks again "
                 "(connect_mailbox --no-verify skips this check)."
             ) from None
-        self.say(f"  SMTP login to {endpoint.host}:{endpoint.port} OK (XOAUTH2).")
+        self.say(f"  SMTP login to {endpoint.host}:{endpoint.port} OK ({endpoint.sasl_mechanism}).")
+
+    # --check ------------------------------------------------------------------------
+
+    def _print_discovery(self, provider: Provider) -> None:
+        if not isinstance(provider, OAuth2Provider) or not provider.issuer:
+            raise CommandError(
+                f"--check reads the metadata of an oauth2 provider's ISSUER; "
+                f"XOAUTH2_MAIL['PROVIDERS'][{provider.id!r}] has no ISSUER."
+            )
+        try:
+            metadata = discovery.fetch_metadata(provider.issuer)
+        except TokenEndpointError as exc:
+            raise CommandError(
+                f"Could not read the metadata of {provider.issuer}: {exc}."
+            ) from None
+        self.say(self.style.SUCCESS(f"Issuer {metadata.issuer}: metadata read and checked."))
+        for url in metadata.sources:
+            self.say(f"  Read {url}")
+        for setting in discovery.DISCOVERED_SETTINGS:
+            found = metadata.endpoint(setting) or "-"
+            explicit = provider.settings.get(setting)
+            used = f"  (set explicitly: {explicit} is used)" if explicit else ""
+            self.say(f"  {setting:<25} {found}{used}")
+        methods = metadata.document.get("code_challenge_methods_supported")
+        self.say(f"  PKCE methods              {' '.join(methods) if methods else '(not said)'}")
+        iss = "yes: the iss check is on" if metadata.iss_parameter_supported else "no"
+        self.say(f"  RFC 9207 iss parameter    {iss}")
+        if not (metadata.endpoint("TOKEN_URL") or provider.settings.get("TOKEN_URL")):
+            self.warn("  No token endpoint: set TOKEN_URL.")
 
 
 def _check_numbers(options: dict[str, Any]) -> None:

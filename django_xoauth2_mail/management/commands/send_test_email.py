@@ -17,7 +17,8 @@ from django_xoauth2_mail.providers import get_provider
 
 class Command(BaseCommand):
     help = (
-        "Send a test message from a mailbox over SMTP with XOAUTH2, through "
+        "Send a test message from a mailbox over SMTP with OAuth2 (XOAUTH2 or OAUTHBEARER), "
+        "through "
         "django_xoauth2_mail's backend whatever EMAIL_BACKEND says."
     )
 
@@ -40,19 +41,25 @@ class Command(BaseCommand):
         body = (
             f"This message was sent from {mailbox.email} by `manage.py send_test_email` at "
             f"{describe_moment(timezone.now())}, over SMTP ({endpoint.host}) authenticated "
-            "with OAuth2 (XOAUTH2). If you can read it, the mailbox can send."
+            "with OAuth2 (XOAUTH2 or OAUTHBEARER). If you can read it, the mailbox can send."
         )
+        # Held open across the send, so the session can tell which mechanism it used.
+        backend = EmailBackend(mailbox=mailbox.email)
         message = EmailMessage(
             options["subject"], body, from_email=mailbox.email, to=recipients,
-            connection=EmailBackend(mailbox=mailbox.email),
+            connection=backend,
         )  # fmt: skip
+        backend.open()
         try:
             message.send()
+            mechanism = ", ".join(sorted(backend.dispatcher.sasl_mechanisms)) or "OAuth2"
         except XOAuth2MailError as exc:
             raise CommandError(f"The test message was not sent: {exc}") from None
+        finally:
+            backend.close()
         self.stdout.write(
             self.style.SUCCESS(
                 f"Sent a test message from {mailbox.email} to {', '.join(recipients)} through "
-                f"{endpoint.host}:{endpoint.port} (SMTP, XOAUTH2)."
+                f"{endpoint.host}:{endpoint.port} (SMTP, {mechanism})."
             )
         )

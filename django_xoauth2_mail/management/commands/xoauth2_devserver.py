@@ -172,6 +172,8 @@ class Command(BaseCommand):
             maildir=maildir,
             on_message=self._print_summary,
             allow_non_loopback=True,
+            # Named in OAUTHBEARER's error challenge, as RFC 7628 section 3.2.2 suggests.
+            openid_configuration=f"{oauth.base_url}/.well-known/openid-configuration",
         )
         try:
             _start(smtp, "SMTP", "--smtp-port")
@@ -227,7 +229,8 @@ class Command(BaseCommand):
         smtp_host = f"[{smtp.host}]" if ":" in smtp.host else smtp.host
         rows = [
             ("OAuth2 server", f"{oauth.base_url}  (/authorize, /token, /revoke, /userinfo)"),
-            ("SMTP server", f"{smtp_host}:{smtp.port}  (AUTH XOAUTH2 only, no TLS)"),
+            ("Metadata", f"{oauth.base_url}/.well-known/oauth-authorization-server (and OIDC)"),
+            ("SMTP server", f"{smtp_host}:{smtp.port}  (AUTH XOAUTH2 or OAUTHBEARER, no TLS)"),
             ("OAuth2 client", f"{provider.client_id} / {provider.client_secret}"),
             ("Consent", consent),
             ("Access tokens", f"expire after {oauth.access_token_lifetime} s; refresh rotates"),
