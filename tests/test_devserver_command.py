@@ -452,3 +452,11 @@ def test_a_busy_port_is_reported_with_what_to_do(tmp_path: Path) -> None:
         stderr
     )
     assert "--oauth-port (0 picks a free one)" in stderr
+
+
+def test_misspelt_smtp_security_is_one_line(tmp_path: Path, settings: Any) -> None:
+    from django.core.management.base import CommandError
+
+    settings.XOAUTH2_MAIL = {"PROVIDERS": {"dev": {"SMTP_SECURITY": "ssl"}}}
+    with pytest.raises(CommandError, match="SMTP_SECURITY"):
+        call_command("xoauth2_devserver", "--maildir", str(tmp_path))

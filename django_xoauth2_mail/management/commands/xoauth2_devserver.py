@@ -26,6 +26,7 @@ from django.core.management.base import BaseCommand, CommandError, CommandParser
 from django_xoauth2_mail.conf import conf
 from django_xoauth2_mail.devserver.oauth import OAuth2Server
 from django_xoauth2_mail.devserver.tls import is_loopback_host
+from django_xoauth2_mail.exceptions import ConfigurationError
 from django_xoauth2_mail.providers.dev import DevProvider
 
 if TYPE_CHECKING:
@@ -130,7 +131,10 @@ class Command(BaseCommand):
         maildir.mkdir(parents=True, exist_ok=True)  # there to look at before the first message
         state_file = options["state_file"] or maildir.resolve().parent / STATE_FILE_NAME
         with _signals_set(self.stop):
-            oauth, smtp = self._start_servers(provider, options, maildir, state_file)
+            try:
+                oauth, smtp = self._start_servers(provider, options, maildir, state_file)
+            except ConfigurationError as error:  # e.g. a misspelt SMTP_SECURITY: one line
+                raise CommandError(str(error)) from None
             try:
                 self._print_banner(provider, oauth, smtp, options, state_file)
                 self.servers = (oauth, smtp)
