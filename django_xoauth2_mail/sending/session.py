@@ -24,7 +24,11 @@ from aiosmtplib.auth import auth_xoauth2_encode
 from aiosmtplib.typing import Default
 from django.views.decorators.debug import sensitive_variables
 
-from django_xoauth2_mail.exceptions import SMTPAuthenticationFailed, SMTPConnectionFailed
+from django_xoauth2_mail.exceptions import (
+    SMTPAuthenticationFailed,
+    SMTPConnectionFailed,
+    XOAuth2MailError,
+)
 from django_xoauth2_mail.providers.base import SMTPEndpoint, is_loopback
 from django_xoauth2_mail.sending.diagnostics import explain_auth_failure
 from django_xoauth2_mail.sending.messages import Envelope
@@ -200,6 +204,10 @@ class SMTPSession:
                     rejected = tried[0]
                     continue
                 raise self._auth_error(exc) from None
+            except XOAuth2MailError:
+                # From the token source (e.g. MailboxReconnectRequired): already the
+                # user-facing error. Checked before OSError, which some of them are.
+                raise
             except (aiosmtplib.SMTPException, OSError) as exc:
                 raise self._connection_error(exc) from None
             self.client = client
