@@ -182,9 +182,18 @@ class SMTPSession:
 
     @sensitive_variables()
     async def open(self) -> None:
-        """Connect and authenticate; a refused token is refreshed and retried once."""
+        """Connect and authenticate.
+
+        A refused token (535) is refreshed and tried once more. A temporary
+        refusal (454 4.7.0: the server cannot check tokens right now, or another
+        of TRANSIENT_CODES) is no verdict on the token: the same token is tried
+        again after each of ``retry_delays``, with no refresh.
+        """
         rejected: str | None = None
-        for attempt in (1, 2):
+        refreshed = False
+        delays = iter(self.retry_delays)
+        temporary_refusals = 0
+        while True:
             tried: list[str] = []
 
             @sensitive_variables()
@@ -199,11 +208,28 @@ class SMTPSession:
             try:
                 await client.connect()
             except XOAuth2Refused as exc:
-                if exc.code == 535 and attempt == 1 and tried:
-                    logger.info("SMTP refused the token of %s; refreshing it", self.username)
-                    rejected = tried[0]
+                client.close()
+                if exc.code in TRANSIENT_CODES:
+                    temporary_refusals += 1
+                    delay = next(delays, None)
+                    if delay is None:
+                        raise self._auth_error(exc, refreshed, temporary_refusals) from None
+                    logger.warning(
+                        "SMTP server %s could not check the token of %s (%d %s); "
+                        "trying again in %.1f s",
+                        self.endpoint.host,
+                        self.username,
+                        exc.code,
+                        exc.message,
+                        delay,
+                    )
+                    await asyncio.sleep(delay)
                     continue
-                raise self._auth_error(exc) from None
+                if exc.code == 535 and not refreshed and tried:
+                    logger.info("SMTP refused the token of %s; refreshing it", self.username)
+                    rejected, refreshed = tried[0], True
+                    continue
+                raise self._auth_error(exc, refreshed, temporary_refusals) from None
             except XOAuth2MailError:
                 # From the token source (e.g. MailboxReconnectRequired): already the
                 # user-facing error. Checked before OSError, which some of them are.
@@ -213,10 +239,18 @@ class SMTPSession:
             self.client = client
             return
 
-    def _auth_error(self, exc: XOAuth2Refused) -> SMTPAuthenticationFailed:
+    def _auth_error(
+        self, exc: XOAuth2Refused, refreshed: bool, temporary_refusals: int
+    ) -> SMTPAuthenticationFailed:
         return SMTPAuthenticationFailed(
             explain_auth_failure(
-                self.username, self.endpoint, exc.code, exc.message, exc.challenge
+                self.username,
+                self.endpoint,
+                exc.code,
+                exc.message,
+                exc.challenge,
+                refreshed=refreshed,
+                temporary_refusals=temporary_refusals,
             ),
             mailbox=self.username,
             smtp_code=exc.code,
