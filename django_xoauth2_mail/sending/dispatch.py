@@ -95,7 +95,12 @@ class Dispatcher:
         while queue:
             index, envelope = queue.pop()
             try:
-                job.results[index] = await session.send(envelope)
+                result = job.results[index] = await session.send(envelope)
+                if result.stalled:
+                    # Every further wait for this server would likely run out too:
+                    # keep the call within its documented duration (docs/backend.rst).
+                    self._skip_after_stall(job, session, queue)
+                    return
             except SendError as exc:  # cannot connect or authenticate
                 job.errors[index] = exc
                 if not session.is_open:
@@ -105,6 +110,21 @@ class Dispatcher:
                     return
             if stop_after_one:
                 return
+
+    @staticmethod
+    def _skip_after_stall(
+        job: MailboxJob, session: SMTPSession, queue: list[tuple[int, Envelope]]
+    ) -> None:
+        endpoint = session.endpoint
+        error = SendError(
+            f"not sent: the SMTP server {endpoint.host}:{endpoint.port} stopped answering "
+            f"{job.mailbox.email}'s session earlier in this call (no reply within "
+            f"{session.timeout:g} s), so it was not tried again within the call. Send these "
+            "messages again later.",
+            mailbox=job.mailbox.email,
+        )
+        while queue:
+            job.errors[queue.pop()[0]] = error
 
     async def _acquire(self, job: MailboxJob) -> SMTPSession:
         held = self._held.get(job.key)

@@ -36,6 +36,7 @@ from django_xoauth2_mail.sending.ratelimit import SlidingWindowLimiter
 from django_xoauth2_mail.sending.transaction import (
     TRANSIENT_CODES,
     ConnectionLostBeforeData,
+    ServerStalled,
     TransactionResult,
     transact,
 )
@@ -124,6 +125,8 @@ class DeliveryResult:
     refused: dict[str, tuple[int, str]] = field(default_factory=dict)
     error: str | None = None
     undetermined: bool = False
+    # The server stopped answering: nothing more goes to it within this call.
+    stalled: bool = False
 
 
 class SMTPSession:
@@ -287,7 +290,8 @@ class SMTPSession:
         Temporary refusals (421, 450, 451, 452, 454) of the message or of some
         recipients are retried after ``retry_delays``; a connection found dead
         before any message data went out is reopened and the message sent again.
-        A message whose end of DATA got no reply is never sent again.
+        A message whose end of DATA got no reply is never sent again, nor is one
+        the server stalled on (see _attempt).
         """
         result = DeliveryResult()
         pending = list(envelope.recipients)
@@ -299,8 +303,9 @@ class SMTPSession:
                 attempt = await self._attempt(envelope, pending)
                 result.refused.update(attempt.refused)
                 result.delivered = result.delivered or bool(attempt.delivered_to)
-                if attempt.undetermined:
-                    result.undetermined, result.error = True, attempt.error
+                if attempt.undetermined or attempt.stalled:
+                    result.undetermined, result.stalled = attempt.undetermined, attempt.stalled
+                    result.error = attempt.error
                     return result
                 retry = [r for r, (code, _) in attempt.refused.items() if code in TRANSIENT_CODES]
                 if attempt.transient and not attempt.delivered_to:
@@ -323,12 +328,26 @@ class SMTPSession:
                 pending = retry
 
     async def _attempt(self, envelope: Envelope, recipients: list[str]) -> TransactionResult:
+        """One transaction, on a new connection if the one held turns out dead.
+
+        A server that stops answering on a connection opened for this attempt is
+        not tried again: another wait of ``timeout`` would most likely end the
+        same way. One that goes silent on a connection kept from before (a NAT
+        or firewall may have dropped it while idle) gets one new connection.
+        """
         for reconnect in (False, True):
-            if reconnect or not self.is_open:
+            fresh = reconnect or not self.is_open
+            if fresh:
                 await self.close()
                 await self.open()
             try:
                 return await self._transact(envelope, recipients)
+            except ServerStalled as exc:
+                if fresh:
+                    return TransactionResult(
+                        error=f"{exc}; the message was not delivered", stalled=True
+                    )
+                logger.info("SMTP connection of %s went silent; reconnecting", self.username)
             except ConnectionLostBeforeData as exc:
                 if reconnect:
                     return TransactionResult(
