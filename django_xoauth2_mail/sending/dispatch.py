@@ -129,10 +129,14 @@ class Dispatcher:
     async def _acquire(self, job: MailboxJob) -> SMTPSession:
         held = self._held.get(job.key)
         if held:
-            return held.pop()
-        if self.options.keep_alive:
-            return await pool.acquire(job.key, lambda: self._new_session(job))
-        return self._new_session(job)
+            session = held.pop()
+        elif self.options.keep_alive:
+            session = await pool.acquire(job.key, lambda: self._new_session(job))
+        else:
+            return self._new_session(job)
+        # An open one idled since an earlier call (a new one is not open yet).
+        session.kept_from_earlier = True
+        return session
 
     async def _release(self, job: MailboxJob, sessions: list[SMTPSession]) -> None:
         if self.holding:

@@ -161,6 +161,9 @@ class SMTPSession:
         # One transaction at a time: a kept-alive session is shared by calls.
         self.lock = asyncio.Lock()
         self.client: XOAuth2Client | None = None
+        # Set by the dispatcher for a session kept open since an earlier call: its
+        # connection may have died unnoticed while idle (see _attempt).
+        self.kept_from_earlier = False
 
     @property
     def is_open(self) -> bool:
@@ -330,20 +333,21 @@ class SMTPSession:
     async def _attempt(self, envelope: Envelope, recipients: list[str]) -> TransactionResult:
         """One transaction, on a new connection if the one held turns out dead.
 
-        A server that stops answering on a connection opened for this attempt is
-        not tried again: another wait of ``timeout`` would most likely end the
-        same way. One that goes silent on a connection kept from before (a NAT
-        or firewall may have dropped it while idle) gets one new connection.
+        A server that stops answering is not tried again: another wait of
+        ``timeout`` would most likely end the same way. The one exception is the
+        first transaction on a connection kept open since an earlier call (a NAT
+        or firewall may have dropped it while it idled): it gets one new connection.
         """
         for reconnect in (False, True):
-            fresh = reconnect or not self.is_open
-            if fresh:
+            reopen = reconnect or not self.is_open
+            may_be_stale, self.kept_from_earlier = self.kept_from_earlier and not reopen, False
+            if reopen:
                 await self.close()
                 await self.open()
             try:
                 return await self._transact(envelope, recipients)
             except ServerStalled as exc:
-                if fresh:
+                if not may_be_stale:
                     return TransactionResult(
                         error=f"{exc}; the message was not delivered", stalled=True
                     )

@@ -34,6 +34,8 @@ class StallingServer:
 
     def __init__(self, *, pipelining: bool = False) -> None:
         self.stall: Stall = None
+        self.good_messages = 0  # messages answered normally before the stall
+        self.accepted = 0
         self.pipelining = pipelining
         self.connections = 0
         self.messages: list[bytes] = []
@@ -93,15 +95,17 @@ class StallingServer:
 
     def _take_message(self, connection: socket.socket, reader: BinaryIO) -> bool:
         """Answer DATA and the message unless told to stall; False when stalling."""
-        if self.stall == "DATA":
+        stall = self.stall if self.accepted >= self.good_messages else None
+        if stall == "DATA":
             return False
         connection.sendall(b"354 Go ahead\r\n")
-        if self.stall == "MESSAGE":
+        if stall == "MESSAGE":
             return False
         self.messages.append(b"".join(iter(reader.readline, b".\r\n")))
-        if self.stall == "END":
+        if stall == "END":
             return False
         connection.sendall(b"250 2.0.0 OK\r\n")
+        self.accepted += 1
         return True
 
 
@@ -141,6 +145,16 @@ def test_a_server_that_never_answers_data_is_not_tried_again(stalling):
     assert not any(f.undetermined for f in error.failures)  # surely not delivered
     assert "stopped answering" in error.failures[0].error
     assert "not tried again" in error.failures[1].error
+
+
+def test_a_stall_after_good_messages_of_the_call_gets_no_new_connection(stalling):
+    stalling.stall, stalling.good_messages = "DATA", 1
+
+    error = send(batch(3))
+
+    assert stalling.connections == 1  # proven in this call: its silence is the server's
+    assert error.sent == 1
+    assert [f.index for f in error.failures] == [1, 2]
 
 
 def test_a_server_that_stops_reading_mid_data_is_not_tried_again(stalling):
