@@ -30,6 +30,7 @@ from django_xoauth2_mail.exceptions import (
     XOAuth2MailError,
 )
 from django_xoauth2_mail.providers.base import SMTPEndpoint, is_loopback
+from django_xoauth2_mail.providers.scrub import scrub
 from django_xoauth2_mail.sending.diagnostics import explain_auth_failure
 from django_xoauth2_mail.sending.messages import Envelope
 from django_xoauth2_mail.sending.ratelimit import SlidingWindowLimiter
@@ -199,6 +200,7 @@ class SMTPSession:
         refreshed = False
         delays = iter(self.retry_delays)
         temporary_refusals = 0
+        sent: list[str] = []  # every token tried: a reply may echo one (see _auth_error)
         while True:
             tried: list[str] = []
 
@@ -208,6 +210,7 @@ class SMTPSession:
             ) -> str:
                 token = await self.token_source(rejected)
                 tried.append(token)
+                sent.append(token)
                 return token
 
             client = self._new_client(generate_token)
@@ -219,14 +222,14 @@ class SMTPSession:
                     temporary_refusals += 1
                     delay = next(delays, None)
                     if delay is None:
-                        raise self._auth_error(exc, refreshed, temporary_refusals) from None
+                        raise self._auth_error(exc, refreshed, temporary_refusals, sent) from None
                     logger.warning(
                         "SMTP server %s could not check the token of %s (%d %s); "
                         "trying again in %.1f s",
                         self.endpoint.host,
                         self.username,
                         exc.code,
-                        exc.message,
+                        scrub(exc.message, self._spelled(sent)),
                         delay,
                     )
                     await asyncio.sleep(delay)
@@ -235,7 +238,7 @@ class SMTPSession:
                     logger.info("SMTP refused the token of %s; refreshing it", self.username)
                     rejected, refreshed = tried[0], True
                     continue
-                raise self._auth_error(exc, refreshed, temporary_refusals) from None
+                raise self._auth_error(exc, refreshed, temporary_refusals, sent) from None
             except XOAuth2MailError:
                 # From the token source (e.g. MailboxReconnectRequired): already the
                 # user-facing error. Checked before OSError, which some of them are.
@@ -245,23 +248,33 @@ class SMTPSession:
             self.client = client
             return
 
+    @sensitive_variables()
     def _auth_error(
-        self, exc: XOAuth2Refused, refreshed: bool, temporary_refusals: int
+        self, exc: XOAuth2Refused, refreshed: bool, temporary_refusals: int, sent: list[str]
     ) -> SMTPAuthenticationFailed:
-        return SMTPAuthenticationFailed(
-            explain_auth_failure(
-                self.username,
-                self.endpoint,
-                exc.code,
-                exc.message,
-                exc.challenge,
-                refreshed=refreshed,
-                temporary_refusals=temporary_refusals,
-            ),
-            mailbox=self.username,
-            smtp_code=exc.code,
-            smtp_error=exc.message,
+        # A server (or a proxy) may quote the AUTH line it refused, token included.
+        secrets = self._spelled(sent)
+        reply = scrub(exc.message, secrets)
+        text = explain_auth_failure(
+            self.username,
+            self.endpoint,
+            exc.code,
+            reply,
+            exc.challenge,
+            refreshed=refreshed,
+            temporary_refusals=temporary_refusals,
         )
+        return SMTPAuthenticationFailed(
+            scrub(text, secrets), mailbox=self.username, smtp_code=exc.code, smtp_error=reply
+        )
+
+    @sensitive_variables()
+    def _spelled(self, tokens: list[str]) -> list[str]:
+        """The tokens, and the XOAUTH2 responses that carried them (base64)."""
+        return [
+            *tokens,
+            *(auth_xoauth2_encode(self.username, token).decode("ascii") for token in tokens),
+        ]
 
     def _connection_error(self, exc: BaseException) -> SMTPConnectionFailed:
         endpoint = self.endpoint
