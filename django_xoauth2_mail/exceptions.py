@@ -1,9 +1,13 @@
 """Every error this package raises derives from :class:`XOAuth2MailError`.
 
-Leaves also inherit the standard exception they resemble, so code written for
-Django's SMTP backend (``except smtplib.SMTPException``) keeps working, and
-configuration errors derive from ``ImproperlyConfigured`` so ``fail_silently``
-never hides them.
+Leaves also inherit the exception Django's SMTP backend raised in the same
+situation, so code written for it keeps working: a revoked grant stands where
+a refused password stood (``smtplib.SMTPAuthenticationError``), a token
+endpoint outage or a disconnected mailbox where a lost connection stood
+(``smtplib.SMTPServerDisconnected``, hence ``OSError``, which is what
+``socket.error`` names), and configuration errors derive from
+``ImproperlyConfigured`` so ``fail_silently`` never hides them.
+docs/backend.rst ("The error hierarchy") has the table.
 """
 
 from __future__ import annotations
@@ -17,11 +21,24 @@ from django.core.exceptions import ImproperlyConfigured
 
 
 class XOAuth2MailError(Exception):
-    """Base class. ``mailbox`` is the address concerned, when there is one."""
+    """Base class. ``mailbox`` is the address concerned, when there is one.
+
+    ``str(error)`` is always the actionable message, whatever standard
+    exception a leaf also derives from.
+    """
 
     def __init__(self, message: str, *, mailbox: str | None = None) -> None:
-        super().__init__(message)
+        # Exception's own __init__, not super(): smtplib's response exceptions,
+        # next in some leaves' MRO, take (code, message) and would make
+        # str(error) a tuple. Leaves set smtp_code / smtp_error themselves.
+        Exception.__init__(self, message)
         self.mailbox = mailbox
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        # Leaves take other constructor arguments than args[0] (and keyword-only
+        # details): rebuild from the message and the attributes, e.g. when an
+        # error crosses a process pool or a task queue.
+        return (_rebuild, (type(self), self.args[0], self.__dict__))
 
 
 class ConfigurationError(XOAuth2MailError, ImproperlyConfigured):
@@ -59,8 +76,14 @@ class InvalidMessage(XOAuth2MailError, ValueError):
         self.index = index
 
 
-class MailboxReconnectRequired(XOAuth2MailError):
-    """The provider refused the stored grant for good: a person must consent again."""
+class MailboxReconnectRequired(XOAuth2MailError, smtplib.SMTPAuthenticationError):
+    """The provider refused the stored grant for good: a person must consent again.
+
+    Where Django's SMTP backend met a password that no longer works, it raised
+    ``SMTPAuthenticationError`` (a 535 from the server): so does this, with
+    ``smtp_code`` 535 (RFC 4954: credentials invalid) and ``smtp_error`` the
+    same actionable text as ``str(error)``.
+    """
 
     def __init__(self, mailbox: str, detail: str = "") -> None:
         reason = f" The provider said: {detail.rstrip('.')}." if detail else ""
@@ -72,10 +95,17 @@ class MailboxReconnectRequired(XOAuth2MailError):
             mailbox=mailbox,
         )
         self.detail = detail
+        self.smtp_code = 535
+        self.smtp_error = str(self)
 
 
-class MailboxDisconnected(XOAuth2MailError):
-    """The mailbox was disconnected on purpose (its tokens were wiped)."""
+class MailboxDisconnected(XOAuth2MailError, smtplib.SMTPServerDisconnected):
+    """The mailbox was disconnected on purpose (its tokens were wiped).
+
+    Nothing can be sent from it until someone connects it again: the
+    situation of a backend that has no connection, which Django's SMTP
+    backend reported as ``SMTPServerDisconnected`` (an ``OSError``).
+    """
 
     def __init__(self, mailbox: str) -> None:
         super().__init__(
@@ -86,11 +116,14 @@ class MailboxDisconnected(XOAuth2MailError):
         )
 
 
-class TokenRefreshError(XOAuth2MailError):
+class TokenRefreshError(XOAuth2MailError, smtplib.SMTPServerDisconnected):
     """The token endpoint could not be reached or gave an unusable answer.
 
     Temporary by nature (outage, timeout, garbage): the mailbox is not flagged,
-    and sending again later may succeed.
+    and sending again later may succeed. Logging in needs the token endpoint as
+    much as the SMTP server, so this stands where Django's SMTP backend raised
+    a connection failure: ``SMTPServerDisconnected``, an ``SMTPException`` and
+    an ``OSError`` (``socket.error``), which queues such as django-mailer defer.
     """
 
 
@@ -128,20 +161,22 @@ class SendError(XOAuth2MailError, smtplib.SMTPException):
         self.smtp_code = smtp_code
         self.smtp_error = smtp_error
 
-    def __reduce__(self) -> tuple[Any, ...]:
-        # Keep the keyword-only details when pickled (e.g. across a process pool).
-        return (_rebuild, (type(self), self.args[0], self.__dict__))
 
+# SendError's smtp_code may be None; this leaf always carries the server's code.
+class SMTPAuthenticationFailed(SendError, smtplib.SMTPAuthenticationError):  # type: ignore[misc]
+    """The SMTP server refused the access token (after one refresh and retry),
+    or could not check it (454) after the bounded retries.
 
-class SMTPAuthenticationFailed(SendError):
-    """The SMTP server refused the access token (after one refresh and retry)."""
+    Also an ``smtplib.SMTPAuthenticationError``, as Django's SMTP backend raised
+    for a refused login; ``smtp_code`` and ``smtp_error`` are the server's reply.
+    """
 
 
 class SMTPConnectionFailed(SendError):
     """The SMTP server could not be reached, or the TLS handshake failed."""
 
 
-def _rebuild(cls: type[SendError], message: str, state: dict[str, Any]) -> SendError:
+def _rebuild(cls: type[XOAuth2MailError], message: str, state: dict[str, Any]) -> XOAuth2MailError:
     error = cls.__new__(cls)
     Exception.__init__(error, message)
     error.__dict__.update(state)

@@ -34,6 +34,7 @@ from django_xoauth2_mail.exceptions import (
 from django_xoauth2_mail.models import Mailbox, MailboxStatus
 from django_xoauth2_mail.providers import get_provider
 from django_xoauth2_mail.providers.base import GrantRevoked, TokenEndpointError, TokenResult
+from django_xoauth2_mail.providers.scrub import scrub
 
 logger = logging.getLogger(__name__)
 
@@ -150,12 +151,14 @@ def _refresh_under_row_lock(mailbox: Mailbox, rejected_token: str | None) -> _Ou
         try:
             result = _call_provider(locked)
         except GrantRevoked as exc:
-            _mark_reconnect_required(locked, str(exc))
+            detail = provider_text(exc, locked)
+            _mark_reconnect_required(locked, detail)
             _copy_token_state(locked, mailbox)
-            return _Outcome(revoked_detail=str(exc))
+            return _Outcome(revoked_detail=detail)
         except TokenEndpointError as exc:
             error = TokenRefreshError(
-                f"Could not refresh the access token of {mailbox.email}: {exc}. "
+                f"Could not refresh the access token of {mailbox.email}: "
+                f"{provider_text(exc, locked)}. "
                 "Nothing was sent; try again later, and check the provider's settings "
                 "if it persists.",
                 mailbox=mailbox.email,
@@ -179,10 +182,23 @@ def _call_provider(mailbox: Mailbox) -> TokenResult:
                 raise
             delay = RETRY_BACKOFF[min(attempt, len(RETRY_BACKOFF) - 1)]
             logger.warning(
-                "Token refresh for %s failed (%s); retrying in %.1f s", mailbox.email, exc, delay
+                "Token refresh for %s failed (%s); retrying in %.1f s",
+                mailbox.email,
+                provider_text(exc, mailbox),
+                delay,
             )
             time.sleep(delay)
     raise AssertionError("unreachable")
+
+
+@sensitive_variables()
+def provider_text(error: Exception, mailbox: Mailbox) -> str:
+    """A provider error's text, safe to raise, log and store in ``last_error``.
+
+    The provider adapters already took out what their request carried; this also
+    takes out the mailbox's own tokens, whatever path the text came by.
+    """
+    return scrub(str(error), [mailbox.refresh_token, mailbox.access_token])
 
 
 @sensitive_variables()

@@ -228,6 +228,22 @@ class _XOAuth2Protocol(SMTP):
             return AuthResult(success=False, handled=True)
         user, token = credentials
         server = self._devserver
+        scripted = server._pop_scripted("AUTH")
+        if scripted is not None and not _is_success(scripted):
+            # Answered instead of checking the token (e.g. a 454 while the check is down).
+            server._record_auth(
+                AuthAttempt(
+                    user=user,
+                    accepted=False,
+                    initial_response_on_auth_line=on_auth_line,
+                    temporary_failure=scripted.startswith("4"),
+                    token=token,
+                    mechanism=mechanism,
+                    initial_response=payload,
+                )
+            )
+            await self.push(scripted)
+            return AuthResult(success=False, handled=True)
         accepted = await server._check_token(user, token, on_auth_line, mechanism, payload)
         if accepted is None:
             await self.push(TEMPORARY_FAILURE)
@@ -387,7 +403,8 @@ class XOAuth2SMTPServer:
         # The issuer metadata URL named in OAUTHBEARER's error challenge (RFC 7628 3.2.2).
         self.openid_configuration = openid_configuration
         # Fault injection: command -> replies to give, in order, instead of the normal one.
-        # Commands: "MAIL", "RCPT", "DATA_END" (the reply to the message itself) and
+        # Commands: "AUTH" (answered instead of checking the token, e.g. "454 4.7.0 ..."),
+        # "MAIL", "RCPT", "DATA_END" (the reply to the message itself) and
         # "AFTER_MESSAGE" (DROP closes the connection after a message was accepted).
         # A 2xx reply proceeds normally; DROP closes without answering; HANG never answers.
         self.scripted_replies: dict[str, list[str]] = {}
@@ -544,9 +561,12 @@ class XOAuth2SMTPServer:
             mechanism=mechanism,
             initial_response=initial_response,
         )
+        self._record_auth(attempt)
+        return accepted
+
+    def _record_auth(self, attempt: AuthAttempt) -> None:
         with self._condition:
             self._auth_attempts.append(attempt)
-        return accepted
 
     def _pop_scripted(self, command: str) -> str | None:
         with self._condition:

@@ -23,6 +23,7 @@ from django.views.decorators.debug import sensitive_variables
 
 from django_xoauth2_mail.conf import SMTP_SECURITY_MODES, conf
 from django_xoauth2_mail.exceptions import ConfigurationError
+from django_xoauth2_mail.providers.scrub import form_secrets, scrub
 
 SMTPSecurity = Literal["tls", "starttls", "none"]
 
@@ -317,7 +318,7 @@ def post_token_request(url: str, data: Mapping[str, str]) -> dict[str, Any]:
             f"the token endpoint {url} could not be reached ({type(exc).__name__})",
             retryable=True,
         ) from None
-    return parse_token_response(url, response.status_code, response.text)
+    return parse_token_response(url, response.status_code, response.text, form_secrets(data))
 
 
 @sensitive_variables()
@@ -345,7 +346,11 @@ def json_object(
 
 
 @sensitive_variables()
-def parse_token_response(url: str, status: int, body: str) -> dict[str, Any]:
+def parse_token_response(
+    url: str, status: int, body: str, secrets: Iterable[str] = ()
+) -> dict[str, Any]:
+    """The token answer, or the provider's refusal with ``secrets`` (what the request
+    carried) scrubbed from its text: an endpoint may echo the request."""
     payload = json_object(url, status, body)
     if status == 200 and "error" not in payload:
         if not isinstance(payload.get("access_token"), str):
@@ -355,7 +360,7 @@ def parse_token_response(url: str, status: int, body: str) -> dict[str, Any]:
         return payload
     error = str(payload.get("error", f"HTTP {status}"))
     description = payload.get("error_description")
-    detail = f"{error}: {description}" if description else error
+    detail = scrub(f"{error}: {description}" if description else error, secrets)
     if error == "invalid_grant":
         raise GrantRevoked(detail)
     raise TokenEndpointError(

@@ -27,6 +27,7 @@ from django_xoauth2_mail.providers.base import (
     expiry_from,
     json_object,
 )
+from django_xoauth2_mail.providers.scrub import form_secrets, scrub_payload
 
 GRANT_TYPE = "urn:ietf:params:oauth:grant-type:device_code"
 # RFC 8628 section 3.2: the interval when the server names none; section 3.5: what each
@@ -161,4 +162,7 @@ def _post(url: str, data: Mapping[str, str]) -> tuple[int, dict[str, Any]]:
     payload = json_object(
         url, response.status_code, response.text, check="the provider's URL settings"
     )
+    if response.status_code != 200 or "error" in payload:
+        # Refusals reach messages; an endpoint may echo the request in them.
+        payload = scrub_payload(payload, form_secrets(data))
     return response.status_code, payload

@@ -15,13 +15,14 @@ from __future__ import annotations
 import datetime as dt
 import json
 import os
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from typing import Any, ClassVar
 
 import google.auth.transport.requests
 import google.oauth2.credentials
 import google.oauth2.service_account
 import requests
+from django.views.decorators.debug import sensitive_variables
 from google.auth import exceptions as google_errors
 
 from django_xoauth2_mail.conf import conf
@@ -43,6 +44,7 @@ from django_xoauth2_mail.providers.library_logs import (
     GOOGLE_CREDENTIAL_LOGGERS,
     credentials_kept_out_of_debug_logs,
 )
+from django_xoauth2_mail.providers.scrub import form_secrets, scrub
 
 MAIL_SCOPE = "https://mail.google.com/"
 DEFAULTS = {
@@ -77,11 +79,21 @@ class _TokenEndpointRequest(google.auth.transport.requests.Request):
     outage or a garbage answer is raised here as TokenEndpointError, which google-auth
     does not catch; JSON error answers still reach google-auth and come out as
     RefreshError.
+
+    It also keeps the secrets each request carried (``sent_secrets``: the refresh
+    token, client secret, or the service-account assertion google-auth signs), so
+    the refusal's text can be scrubbed of them.
     """
 
+    def __init__(self, session: requests.Session) -> None:
+        super().__init__(session)
+        self.sent_secrets: set[str] = set()
+
+    @sensitive_variables()
     def __call__(  # type: ignore[override]
         self, url: str, method: str = "GET", body: Any = None, headers: Any = None, **kwargs: Any
     ) -> Any:
+        self.sent_secrets |= form_secrets(body)
         kwargs["timeout"] = conf.HTTP_TIMEOUT
         response = super().__call__(  # type: ignore[no-untyped-call]
             url, method=method, body=body, headers=headers, **kwargs
@@ -173,10 +185,12 @@ class GoogleProvider(Provider):
             requests.Session() as session,
             credentials_kept_out_of_debug_logs(GOOGLE_CREDENTIAL_LOGGERS),
         ):
+            request = _TokenEndpointRequest(session)
             try:
-                credentials.refresh(_TokenEndpointRequest(session))
+                credentials.refresh(request)
             except google_errors.RefreshError as exc:
-                raise _refresh_error(exc, email if delegated else None) from None
+                secrets = {*request.sent_secrets, refresh_token, self._setting("CLIENT_SECRET")}
+                raise _refresh_error(exc, email if delegated else None, secrets) from None
             except google_errors.TransportError as exc:
                 cause = exc.__cause__
                 reason = (
@@ -315,11 +329,15 @@ class GoogleProvider(Provider):
         return response.ok
 
 
-def _refresh_error(exc: google_errors.RefreshError, delegated_email: str | None) -> Exception:
-    """GrantRevoked or TokenEndpointError for a RefreshError (args: detail, response)."""
+@sensitive_variables()
+def _refresh_error(
+    exc: google_errors.RefreshError, delegated_email: str | None, secrets: Iterable[str | None]
+) -> Exception:
+    """GrantRevoked or TokenEndpointError for a RefreshError (args: detail, response),
+    with the secrets the request carried scrubbed from google-auth's text."""
     response = exc.args[1] if len(exc.args) > 1 and isinstance(exc.args[1], dict) else {}
     error = str(response.get("error", ""))
-    detail = str(exc.args[0]) if exc.args else error
+    detail = scrub(str(exc.args[0]) if exc.args else error, secrets)
     if error == "invalid_grant" and delegated_email is None:
         return GrantRevoked(detail)
     if delegated_email is not None:

@@ -18,12 +18,13 @@ import json
 import os
 import time
 import warnings
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any
 from urllib.parse import urlsplit
 
 import msal
 import requests
+from django.views.decorators.debug import sensitive_variables
 from msal.authority import WELL_KNOWN_AUTHORITY_HOSTS
 from msal.exceptions import MsalServiceError
 
@@ -47,6 +48,7 @@ from django_xoauth2_mail.providers.library_logs import (
     credentials_kept_out_of_debug_logs,
 )
 from django_xoauth2_mail.providers.microsoft_claims import consenting_account
+from django_xoauth2_mail.providers.scrub import scrub, scrub_payload
 
 SMTP_SCOPE = "https://outlook.office.com/SMTP.Send"
 APP_ONLY_SCOPE = "https://outlook.office365.com/.default"
@@ -167,25 +169,39 @@ class MicrosoftProvider(Provider):
             result = self._acquire(
                 lambda app: app.acquire_token_by_refresh_token(
                     refresh_token, scopes=self.user_scopes
-                )
+                ),
+                secrets=[refresh_token],
             )
         else:
-            with _msal_call(self.authority):
+            secrets = self._secrets()
+            with _msal_call(self.authority, secrets):
                 # SCOPES replaces the resource's .default scope in national clouds.
                 scopes = list(self.settings.get("SCOPES") or [APP_ONLY_SCOPE])
                 result = self._app_only_application().acquire_token_for_client(scopes=scopes)
+            result = _scrubbed(result, secrets)
         # Microsoft rotates refresh tokens (the old one may stop working): this is the new one.
         return TokenResult(**_token_fields(result))
 
-    def _acquire(self, call: Callable[[Any], dict[str, Any]]) -> dict[str, Any]:
+    @sensitive_variables()
+    def _secrets(self, *sent: str | None) -> list[str | None]:
+        """What a request to Microsoft carries that its answer must not repeat."""
+        return [str(self.settings.get("CLIENT_SECRET") or ""), *sent]
+
+    @sensitive_variables()
+    def _acquire(
+        self, call: Callable[[Any], dict[str, Any]], *, secrets: Iterable[str | None]
+    ) -> dict[str, Any]:
         """``call(app)`` with the app as configured, then as a public client if Entra says
         the grant belongs to one: a secret is refused (AADSTS700025) for tokens from the
-        device code flow and codes sent to a "Mobile and desktop" redirect URI."""
-        with _msal_call(self.authority):
+        device code flow and codes sent to a "Mobile and desktop" redirect URI.
+
+        An error answer comes back with ``secrets`` (and the client secret) scrubbed."""
+        secrets = self._secrets(*secrets)
+        with _msal_call(self.authority, secrets):
             result = call(self._application())
             if _issued_to_public_client(result) and self.settings.get("CLIENT_SECRET"):
                 result = call(self._application(public=True))
-        return result
+        return _scrubbed(result, secrets)
 
     def _app_only_application(self) -> Any:
         tenant = str(self.settings.get("TENANT") or "common")
@@ -242,15 +258,16 @@ class MicrosoftProvider(Provider):
                 )
             return result
 
-        return _consent_result(self._acquire(redeem))
+        return _consent_result(self._acquire(redeem, secrets=[code, code_verifier]))
 
     supports_device_flow = True
 
     def start_device_flow(self) -> DeviceFlow:
         """Ask for a user code; the person enters it at Microsoft's page and consents."""
-        with _msal_call(self.authority):
+        with _msal_call(self.authority, self._secrets()):
             app = self._application(public=True)
             flow: dict[str, Any] = app.initiate_device_flow(scopes=self.consent_scopes)
+        flow = _scrubbed(flow, self._secrets())
         if "user_code" not in flow:
             raise TokenEndpointError(
                 f"Microsoft did not start the device code flow ({_detail(flow)}). In the app "
@@ -270,8 +287,10 @@ class MicrosoftProvider(Provider):
         state = dict(flow.state)
         # msal polls until state["expires_at"]; moving it earlier is its documented abort.
         state["expires_at"] = min(float(state.get("expires_at", 0)), time.time() + timeout)
-        with _msal_call(self.authority):
+        secrets = self._secrets(str(state.get("device_code") or ""))
+        with _msal_call(self.authority, secrets):
             result = self._application(public=True).acquire_token_by_device_flow(state)
+        result = _scrubbed(result, secrets)
         if result.get("error") in ("authorization_pending", "slow_down", "expired_token"):
             raise DeviceFlowExpired(
                 f"nobody entered the code {flow.user_code} at {flow.verification_uri} in time",
@@ -282,18 +301,30 @@ class MicrosoftProvider(Provider):
         return _consent_result(result)
 
 
+def _scrubbed(result: dict[str, Any], secrets: Iterable[str | None]) -> dict[str, Any]:
+    """msal's answer; an error answer with the request's secrets taken out of its text
+    (an endpoint or a proxy may echo the request in error_description)."""
+    return scrub_payload(result, secrets) if "error" in result else result
+
+
 @contextlib.contextmanager
-def _msal_call(authority: str) -> Iterator[None]:
+def _msal_call(authority: str, secrets: Iterable[str | None] = ()) -> Iterator[None]:
     """Around every msal call: msal's DEBUG log of the code, verifier and device code kept
-    out (library_logs.py), and what msal raises turned into the provider exceptions."""
-    with credentials_kept_out_of_debug_logs(MSAL_CREDENTIAL_LOGGERS), _msal_errors(authority):
+    out (library_logs.py), and what msal raises turned into the provider exceptions, with
+    ``secrets`` scrubbed from any text msal took from an answer."""
+    with (
+        credentials_kept_out_of_debug_logs(MSAL_CREDENTIAL_LOGGERS),
+        _msal_errors(authority, secrets),
+    ):
         yield
 
 
 @contextlib.contextmanager
-def _msal_errors(authority: str) -> Iterator[None]:
-    """Turn what msal (and requests under it) raise into the provider exceptions."""
+def _msal_errors(authority: str, secrets: Iterable[str | None] = ()) -> Iterator[None]:
+    """Turn what msal (and requests under it) raise into the provider exceptions, with
+    ``secrets`` scrubbed from any text msal took from an answer."""
     where = f"Microsoft's sign-in service {authority}"
+    secrets = list(secrets)
     try:
         yield
     except requests.exceptions.SSLError:
@@ -311,14 +342,16 @@ def _msal_errors(authority: str) -> Iterator[None]:
             f"{where} could not be reached ({type(exc).__name__})", retryable=True
         ) from None
     except MsalServiceError as exc:  # what msal raises for any 5xx
-        raise TokenEndpointError(f"{where} failed ({exc})", retryable=True) from None
+        raise TokenEndpointError(
+            f"{where} failed ({scrub(str(exc), secrets)})", retryable=True
+        ) from None
     except json.JSONDecodeError:
         raise TokenEndpointError(
             f"{where} answered with something that is not JSON (check AUTHORITY_HOST)",
             retryable=False,
         ) from None
     except ValueError as exc:  # e.g. an unknown tenant: its discovery document is a 400
-        first_line = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        first_line = (scrub(str(exc), secrets).strip().splitlines() or [type(exc).__name__])[0]
         raise TokenEndpointError(
             f"{where} cannot be used ({first_line}); check the TENANT and AUTHORITY_HOST settings",
             retryable=False,

@@ -6,6 +6,7 @@ from typing import Any
 
 from django_xoauth2_mail.providers.base import SMTPEndpoint
 from django_xoauth2_mail.sending.sasl import describe_challenge
+from django_xoauth2_mail.sending.transaction import TRANSIENT_CODES
 
 # (reply code, enhanced status or text fragment) -> what usually causes it.
 HINTS: tuple[tuple[int, str, str], ...] = (
@@ -31,11 +32,6 @@ HINTS: tuple[tuple[int, str, str], ...] = (
         "Google refused the token: check that the mailbox was connected with the "
         "https://mail.google.com/ scope and that the address is the account that consented.",
     ),
-    (
-        454,
-        "4.7.0",
-        "The server could not check the token right now (temporary): try again later.",
-    ),
 )
 
 
@@ -47,16 +43,28 @@ def explain_auth_failure(
     challenge: dict[str, Any] | None,
     *,
     mechanism: str = "XOAUTH2",
+    refreshed: bool,
+    temporary_refusals: int = 0,
 ) -> str:
+    """What the refusal says, what was tried (truthfully), and what to do."""
     text = (
         f"The SMTP server {endpoint.host}:{endpoint.port} refused {mechanism} authentication "
         f"for {username} with {code} {message.strip()}"
     )
     text += describe_challenge(challenge)
-    text += ", after one token refresh and retry."
+    if code in TRANSIENT_CODES:
+        # "Not now", not "no" (RFC 4954: 454 4.7.0 is a temporary authentication failure).
+        retries = temporary_refusals - 1
+        return (
+            f"{text}: the server could not check the token right now (a temporary "
+            f"failure). It answered so to {temporary_refusals} login attempt(s) in a row: "
+            f"the login was retried {retries} time(s), after the waits in "
+            "XOAUTH2_MAIL['SMTP_RETRY_DELAYS']. A temporary failure is no verdict on the "
+            "token: it was not refreshed for it, and the mailbox was not flagged. Send "
+            "again later; if it persists, check the provider's status page."
+        )
+    text += ", after one token refresh and retry." if refreshed else "."
     for hint_code, fragment, hint in HINTS:
         if code == hint_code and fragment in message:
             return f"{text} {hint}"
-    if code == 454:
-        return f"{text} The failure is temporary: try again later."
     return f"{text} Reconnect the mailbox if the problem persists."

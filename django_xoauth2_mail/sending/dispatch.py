@@ -15,6 +15,7 @@ from django.views.decorators.debug import sensitive_variables
 
 from django_xoauth2_mail import tokens
 from django_xoauth2_mail.conf import conf
+from django_xoauth2_mail.exceptions import SendError
 from django_xoauth2_mail.models import Mailbox
 from django_xoauth2_mail.providers.base import SMTPEndpoint
 from django_xoauth2_mail.sending.loop import run_orm
@@ -118,7 +119,12 @@ class Dispatcher:
         while queue:
             index, envelope = queue.pop()
             try:
-                job.results[index] = await session.send(envelope)
+                result = job.results[index] = await session.send(envelope)
+                if result.stalled:
+                    # Every further wait for this server would likely run out too:
+                    # keep the call within its documented duration (docs/backend.rst).
+                    self._skip_after_stall(job, session, queue)
+                    return
             except Exception as exc:  # e.g. cannot connect, authenticate or get a token
                 job.errors[index] = exc
                 if not session.is_open:
@@ -129,14 +135,33 @@ class Dispatcher:
             if stop_after_one:
                 return
 
+    @staticmethod
+    def _skip_after_stall(
+        job: MailboxJob, session: SMTPSession, queue: list[tuple[int, Envelope]]
+    ) -> None:
+        endpoint = session.endpoint
+        error = SendError(
+            f"not sent: the SMTP server {endpoint.host}:{endpoint.port} stopped answering "
+            f"{job.mailbox.email}'s session earlier in this call (no reply within "
+            f"{session.timeout:g} s), so it was not tried again within the call. Send these "
+            "messages again later.",
+            mailbox=job.mailbox.email,
+        )
+        while queue:
+            job.errors[queue.pop()[0]] = error
+
     async def _acquire(self, job: MailboxJob) -> SMTPSession:
         self._forget_if_forked()
         held = self._held.get(job.key)
         if held:
-            return held.pop()
-        if self.options.keep_alive:
-            return await pool.acquire(job.key, lambda: self._new_session(job))
-        return self._new_session(job)
+            session = held.pop()
+        elif self.options.keep_alive:
+            session = await pool.acquire(job.key, lambda: self._new_session(job))
+        else:
+            return self._new_session(job)
+        # An open one idled since an earlier call (a new one is not open yet).
+        session.kept_from_earlier = True
+        return session
 
     async def _release(self, job: MailboxJob, sessions: list[SMTPSession]) -> None:
         if self.holding:

@@ -25,20 +25,25 @@ from django_xoauth2_mail.exceptions import (
     ConfigurationError,
     SMTPAuthenticationFailed,
     SMTPConnectionFailed,
+    XOAuth2MailError,
 )
 from django_xoauth2_mail.providers.base import SMTPEndpoint, is_loopback
+from django_xoauth2_mail.providers.scrub import scrub
 from django_xoauth2_mail.sending.diagnostics import explain_auth_failure
 from django_xoauth2_mail.sending.messages import Envelope
 from django_xoauth2_mail.sending.ratelimit import SlidingWindowLimiter
 from django_xoauth2_mail.sending.sasl import (
+    MECHANISMS,
     Mechanism,
     SASLRefused,
     authenticate,
     choose_mechanism,
+    initial_response,
 )
 from django_xoauth2_mail.sending.transaction import (
     TRANSIENT_CODES,
     ConnectionLostBeforeData,
+    ServerStalled,
     TransactionResult,
     transact,
 )
@@ -136,6 +141,8 @@ class DeliveryResult:
     refused: dict[str, tuple[int, str]] = field(default_factory=dict)
     error: str | None = None
     undetermined: bool = False
+    # The server stopped answering: nothing more goes to it within this call.
+    stalled: bool = False
 
 
 class SMTPSession:
@@ -170,6 +177,9 @@ class SMTPSession:
         # One transaction at a time: a kept-alive session is shared by calls.
         self.lock = asyncio.Lock()
         self.client: XOAuth2Client | None = None
+        # Set by the dispatcher for a session kept open since an earlier call: its
+        # connection may have died unnoticed while idle (see _attempt).
+        self.kept_from_earlier = False
 
     @property
     def is_open(self) -> bool:
@@ -202,9 +212,19 @@ class SMTPSession:
 
     @sensitive_variables()
     async def open(self) -> None:
-        """Connect and authenticate; a refused token is refreshed and retried once."""
+        """Connect and authenticate.
+
+        A refused token (535) is refreshed and tried once more. A temporary
+        refusal (454 4.7.0: the server cannot check tokens right now, or another
+        of TRANSIENT_CODES) is no verdict on the token: the same token is tried
+        again after each of ``retry_delays``, with no refresh.
+        """
         rejected: str | None = None
-        for attempt in (1, 2):
+        refreshed = False
+        delays = iter(self.retry_delays)
+        temporary_refusals = 0
+        sent: list[str] = []  # every token tried: a reply may echo one (see _auth_error)
+        while True:
             tried: list[str] = []
 
             @sensitive_variables()
@@ -213,36 +233,78 @@ class SMTPSession:
             ) -> str:
                 token = await self.token_source(rejected)
                 tried.append(token)
+                sent.append(token)
                 return token
 
             client = self._new_client(generate_token)
             try:
                 await client.connect()
             except XOAuth2Refused as exc:
-                if exc.code == 535 and attempt == 1 and tried:
-                    logger.info("SMTP refused the token of %s; refreshing it", self.username)
-                    rejected = tried[0]
+                client.close()
+                if exc.code in TRANSIENT_CODES:
+                    temporary_refusals += 1
+                    delay = next(delays, None)
+                    if delay is None:
+                        raise self._auth_error(exc, refreshed, temporary_refusals, sent) from None
+                    logger.warning(
+                        "SMTP server %s could not check the token of %s (%d %s); "
+                        "trying again in %.1f s",
+                        self.endpoint.host,
+                        self.username,
+                        exc.code,
+                        scrub(exc.message, self._spelled(sent)),
+                        delay,
+                    )
+                    await asyncio.sleep(delay)
                     continue
-                raise self._auth_error(exc) from None
+                if exc.code == 535 and not refreshed and tried:
+                    logger.info("SMTP refused the token of %s; refreshing it", self.username)
+                    rejected, refreshed = tried[0], True
+                    continue
+                raise self._auth_error(exc, refreshed, temporary_refusals, sent) from None
+            except XOAuth2MailError:
+                # From the token source (e.g. MailboxReconnectRequired): already the
+                # user-facing error. Checked before OSError, which some of them are.
+                raise
             except (aiosmtplib.SMTPException, OSError) as exc:
                 raise self._connection_error(exc) from None
             self.client = client
             return
 
-    def _auth_error(self, exc: XOAuth2Refused) -> SMTPAuthenticationFailed:
-        return SMTPAuthenticationFailed(
-            explain_auth_failure(
-                self.username,
-                self.endpoint,
-                exc.code,
-                exc.message,
-                exc.challenge,
-                mechanism=exc.mechanism,
-            ),
-            mailbox=self.username,
-            smtp_code=exc.code,
-            smtp_error=exc.message,
+    @sensitive_variables()
+    def _auth_error(
+        self, exc: XOAuth2Refused, refreshed: bool, temporary_refusals: int, sent: list[str]
+    ) -> SMTPAuthenticationFailed:
+        # A server (or a proxy) may quote the AUTH line it refused, token included.
+        secrets = self._spelled(sent)
+        reply = scrub(exc.message, secrets)
+        text = explain_auth_failure(
+            self.username,
+            self.endpoint,
+            exc.code,
+            reply,
+            exc.challenge,
+            mechanism=exc.mechanism,
+            refreshed=refreshed,
+            temporary_refusals=temporary_refusals,
         )
+        return SMTPAuthenticationFailed(
+            scrub(text, secrets), mailbox=self.username, smtp_code=exc.code, smtp_error=reply
+        )
+
+    @sensitive_variables()
+    def _spelled(self, tokens: list[str]) -> list[str]:
+        """The tokens, and the initial responses (base64) that carried them, in either
+        mechanism."""
+        host, port = self.endpoint.host, self.endpoint.port
+        return [
+            *tokens,
+            *(
+                initial_response(mechanism, self.username, token, host, port).decode("ascii")
+                for token in tokens
+                for mechanism in MECHANISMS
+            ),
+        ]
 
     def _connection_error(self, exc: BaseException) -> SMTPConnectionFailed:
         endpoint = self.endpoint
@@ -274,7 +336,8 @@ class SMTPSession:
         Temporary refusals (421, 450, 451, 452, 454) of the message or of some
         recipients are retried after ``retry_delays``; a connection found dead
         before any message data went out is reopened and the message sent again.
-        A message whose end of DATA got no reply is never sent again.
+        A message whose end of DATA got no reply is never sent again, nor is one
+        the server stalled on (see _attempt).
         """
         result = DeliveryResult()
         pending = list(envelope.recipients)
@@ -286,8 +349,9 @@ class SMTPSession:
                 attempt = await self._attempt(envelope, pending)
                 result.refused.update(attempt.refused)
                 result.delivered = result.delivered or bool(attempt.delivered_to)
-                if attempt.undetermined:
-                    result.undetermined, result.error = True, attempt.error
+                if attempt.undetermined or attempt.stalled:
+                    result.undetermined, result.stalled = attempt.undetermined, attempt.stalled
+                    result.error = attempt.error
                     return result
                 retry = [r for r, (code, _) in attempt.refused.items() if code in TRANSIENT_CODES]
                 if attempt.transient and not attempt.delivered_to:
@@ -310,12 +374,27 @@ class SMTPSession:
                 pending = retry
 
     async def _attempt(self, envelope: Envelope, recipients: list[str]) -> TransactionResult:
+        """One transaction, on a new connection if the one held turns out dead.
+
+        A server that stops answering is not tried again: another wait of
+        ``timeout`` would most likely end the same way. The one exception is the
+        first transaction on a connection kept open since an earlier call (a NAT
+        or firewall may have dropped it while it idled): it gets one new connection.
+        """
         for reconnect in (False, True):
-            if reconnect or not self.is_open:
+            reopen = reconnect or not self.is_open
+            may_be_stale, self.kept_from_earlier = self.kept_from_earlier and not reopen, False
+            if reopen:
                 await self.close()
                 await self.open()
             try:
                 return await self._transact(envelope, recipients)
+            except ServerStalled as exc:
+                if not may_be_stale:
+                    return TransactionResult(
+                        error=f"{exc}; the message was not delivered", stalled=True
+                    )
+                logger.info("SMTP connection of %s went silent; reconnecting", self.username)
             except ConnectionLostBeforeData as exc:
                 if reconnect:
                     return TransactionResult(

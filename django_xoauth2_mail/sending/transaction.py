@@ -30,7 +30,14 @@ TRANSIENT_CODES = frozenset({421, 450, 451, 452, 454})
 
 
 class ConnectionLostBeforeData(Exception):
-    """The connection died before any message data was sent: retrying is safe."""
+    """The connection died before the end of the message was sent: retrying is safe."""
+
+
+class ServerStalled(ConnectionLostBeforeData):
+    """The server stopped answering (a wait ran out) before the end of the message
+    went out. It cannot have accepted the message; but a server that stalls once
+    will most likely stall again, so the session does not simply retry (see
+    SMTPSession._attempt)."""
 
 
 @dataclass
@@ -42,6 +49,9 @@ class TransactionResult:
     transient: bool = False
     # The end of DATA went out but no reply came: it may have been delivered.
     undetermined: bool = False
+    # A wait for the server ran out: the connection is closed, and the server is
+    # not tried again within this call.
+    stalled: bool = False
 
 
 class PipeliningProtocol(SMTPProtocol):
@@ -97,6 +107,14 @@ def adopt(client: aiosmtplib.SMTP) -> PipeliningProtocol:
     return protocol  # type: ignore[return-value]
 
 
+def drop(client: aiosmtplib.SMTP) -> None:
+    """Close at once, discarding what is still buffered for a server that stopped
+    reading (aiosmtplib's close() would keep trying to send it)."""
+    if isinstance(client.transport, asyncio.Transport):
+        client.transport.abort()
+    client.close()
+
+
 def wire_data(data: bytes) -> bytes:
     """The message as DATA sends it: CRLF line endings, leading dots doubled.
 
@@ -137,7 +155,10 @@ async def transact(
                     replies.append(await protocol.read_reply(timeout))
                     if command is mail and replies[0].code != 250:
                         break
-        except (aiosmtplib.SMTPServerDisconnected, aiosmtplib.SMTPTimeoutError) as exc:
+        except aiosmtplib.SMTPTimeoutError:
+            drop(client)
+            raise ServerStalled(_no_reply(timeout, "to MAIL, RCPT or DATA")) from None
+        except aiosmtplib.SMTPServerDisconnected as exc:
             client.close()
             raise ConnectionLostBeforeData(str(exc)) from None
         return await _finish(client, protocol, recipients, replies, data, timeout)
@@ -178,16 +199,23 @@ async def _finish(
         else:
             result.error = "the server refused every recipient"
         return await _abandon(client, protocol, replies, len(recipients) + 2, result)
+    # Until the final "." has gone out, the server cannot have accepted the
+    # message: sending it again on a new connection would be safe.
     try:
         await _write_message(protocol, wire_data(data), timeout)
-    except (aiosmtplib.SMTPServerDisconnected, ConnectionError, TimeoutError) as exc:
-        # The final "." never went out, so the server cannot have accepted the
-        # message: sending it again on a new connection is safe.
+    except TimeoutError:
+        drop(client)
+        raise ServerStalled(
+            f"the server stopped reading the message (nothing taken for {timeout:g} s)"
+        ) from None
+    except (aiosmtplib.SMTPServerDisconnected, ConnectionError) as exc:
         client.close()
         raise ConnectionLostBeforeData(str(exc) or type(exc).__name__) from None
     try:
         final = await protocol.read_reply(timeout)
-    except (aiosmtplib.SMTPServerDisconnected, aiosmtplib.SMTPTimeoutError) as exc:
+    except aiosmtplib.SMTPTimeoutError:
+        return _stalled_after_message(client, protocol, result, timeout)
+    except aiosmtplib.SMTPServerDisconnected as exc:
         client.close()
         result.undetermined = True
         result.error = f"no reply after the end of the message ({exc})"
@@ -198,6 +226,37 @@ async def _finish(
         return result
     result.delivered_to = accepted
     return result
+
+
+def _stalled_after_message(
+    client: aiosmtplib.SMTP,
+    protocol: PipeliningProtocol,
+    result: TransactionResult,
+    timeout: float,
+) -> TransactionResult:
+    """No reply to the end of the message within ``timeout``.
+
+    Bytes still in our transport's buffer include the final "." (it is written
+    last), so the server surely has not got it: not sent. Otherwise it may
+    have been accepted: undetermined. Either way it is not sent again.
+    """
+    transport = protocol.transport
+    unsent = isinstance(transport, asyncio.WriteTransport) and transport.get_write_buffer_size() > 0
+    drop(client)  # not close(): that would still send the buffered final "." later
+    result.stalled = True
+    if unsent:
+        result.error = (
+            f"the server stopped reading before the end of the message "
+            f"(nothing taken for {timeout:g} s); it was not delivered"
+        )
+    else:
+        result.undetermined = True
+        result.error = _no_reply(timeout, "after the end of the message")
+    return result
+
+
+def _no_reply(timeout: float, what: str) -> str:
+    return f"the server stopped answering (no reply {what} within {timeout:g} s)"
 
 
 async def _write_message(protocol: PipeliningProtocol, wire: bytes, timeout: float) -> None:
@@ -234,6 +293,9 @@ async def _abandon(
     try:
         protocol.write(b"RSET\r\n")
         await protocol.read_reply(client.timeout)
+    except aiosmtplib.SMTPTimeoutError:
+        drop(client)
+        result.stalled = True
     except (aiosmtplib.SMTPException, OSError):
         client.close()
     return result

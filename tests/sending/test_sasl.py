@@ -261,11 +261,12 @@ def test_a_dovecot_refusal_gets_no_gmail_hint():
     challenge = {"status": "invalid_token", "scope": "email"}
     dovecot = explain_auth_failure(
         SENDER, endpoint, 535, "5.7.8 Authentication credentials invalid", challenge,
-        mechanism="OAUTHBEARER",
+        mechanism="OAUTHBEARER", refreshed=True,
     )  # fmt: skip
     gmail = explain_auth_failure(
-        SENDER, endpoint, 535, "5.7.8 Username and Password not accepted. Learn more", None
-    )
+        SENDER, endpoint, 535, "5.7.8 Username and Password not accepted. Learn more", None,
+        refreshed=True,
+    )  # fmt: skip
 
     assert "refused OAUTHBEARER authentication" in dovecot and "Google" not in dovecot
     assert "token status invalid_token, expected scope email" in dovecot

@@ -59,6 +59,7 @@ def test_security_none_refuses_a_remote_host(settings, mailbox, xoauth2_smtp_ser
 
 
 def test_temporary_auth_failure_is_not_a_revoked_consent(settings, mailbox, oauth2_server):
+    settings.XOAUTH2_MAIL["SMTP_RETRY_DELAYS"] = [0.01]
     with XOAuth2SMTPServer(
         oauth2_server.validate_access_token, temporary_auth_failure=True
     ) as server:
@@ -68,7 +69,9 @@ def test_temporary_auth_failure_is_not_a_revoked_consent(settings, mailbox, oaut
 
     assert caught.value.smtp_code == 454
     assert "temporary" in str(caught.value).lower()
-    assert len(server.auth_attempts) <= 1  # a 454 is not answered with a token refresh
+    # Retried once (one SMTP_RETRY_DELAYS entry), never answered with a token refresh.
+    assert [a.temporary_failure for a in server.auth_attempts] == [True, True]
+    assert oauth2_server.token_request_count == 1
     mailbox.refresh_from_db()
     assert mailbox.status == "connected"
 
