@@ -20,6 +20,7 @@ from django.http import HttpRequest, HttpResponse, HttpResponseRedirect
 from django.template.response import TemplateResponse
 from django.urls import reverse
 from django.utils.translation import gettext as _
+from django.views.decorators.debug import sensitive_variables
 
 from django_xoauth2_mail.consent.flows import (
     ConsentError,
@@ -53,13 +54,14 @@ class PendingFlow:
     """What the callback needs from the start of a flow (JSON-serialisable)."""
 
     provider_id: str
-    code_verifier: str
+    code_verifier: str = dataclasses.field(repr=False)
     redirect_uri: str
     requested_email: str | None
     user_id: str
     started_at: float
 
 
+@sensitive_variables()
 def remember_flow(request: HttpRequest, state: str, flow: PendingFlow) -> None:
     flows: dict[str, dict[str, Any]] = dict(request.session.get(SESSION_KEY, {}))
     flows[state] = dataclasses.asdict(flow)
@@ -67,6 +69,7 @@ def remember_flow(request: HttpRequest, state: str, flow: PendingFlow) -> None:
     request.session[SESSION_KEY] = dict(newest[-MAX_PENDING_FLOWS:])
 
 
+@sensitive_variables()
 def take_flow(request: HttpRequest, state: str) -> PendingFlow | None:
     """Remove and return the flow started with ``state``, if this session has one."""
     flows: dict[str, dict[str, Any]] = dict(request.session.get(SESSION_KEY, {}))
@@ -150,6 +153,7 @@ def _render_connect_page(
     return TemplateResponse(request, "admin/django_xoauth2_mail/mailbox/connect.html", context)
 
 
+@sensitive_variables()
 def _redirect_to_provider(
     request: HttpRequest, data: dict[str, Any], redirect_uri: str
 ) -> HttpResponse:
@@ -192,6 +196,9 @@ def _redirect_to_provider(
 # The callback -----------------------------------------------------------------
 
 
+# The frames below hold the verifier, the code and the new tokens: an unexpected
+# error must not put them in the report mailed to ADMINS.
+@sensitive_variables()
 def callback_view(request: HttpRequest, model_admin: MailboxAdmin) -> HttpResponse:
     require_change_permission(request, model_admin)
     try:
@@ -210,6 +217,7 @@ def callback_view(request: HttpRequest, model_admin: MailboxAdmin) -> HttpRespon
     return HttpResponseRedirect(admin_url(model_admin, "change", mailbox.pk))
 
 
+@sensitive_variables()
 def _finish_flow(request: HttpRequest) -> tuple[Mailbox, bool]:
     """Check the answer, trade the code for tokens and save them: (mailbox, created)."""
     flow = _take_checked_flow(request)

@@ -86,6 +86,7 @@ class LoopbackOptions:
     stdin: TextIO
 
 
+@sensitive_variables()
 def consent_by_loopback(
     provider: Provider, email: str | None, options: LoopbackOptions, say: Say, warn: Say
 ) -> ConsentResult:
@@ -212,6 +213,7 @@ def answer_problem(params: Mapping[str, str], state: str | None) -> str | None:
     return None
 
 
+@sensitive_variables()
 def _exchange(
     provider: Provider, answer: Answer, redirect_uri: str, verifier: str
 ) -> ConsentResult:

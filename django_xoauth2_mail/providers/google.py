@@ -22,6 +22,7 @@ import google.auth.transport.requests
 import google.oauth2.credentials
 import google.oauth2.service_account
 import requests
+from django.views.decorators.debug import sensitive_variables
 from google.auth import exceptions as google_errors
 
 from django_xoauth2_mail.conf import conf
@@ -270,6 +271,7 @@ class GoogleProvider(Provider):
             include_granted_scopes="true",
         )
 
+    @sensitive_variables()
     def exchange_code(self, *, code: str, redirect_uri: str, code_verifier: str) -> ConsentResult:
         data = {
             "grant_type": "authorization_code",

@@ -24,6 +24,7 @@ from urllib.parse import urlencode, urlsplit
 
 import msal
 import requests
+from django.views.decorators.debug import sensitive_variables
 from msal.authority import WELL_KNOWN_AUTHORITY_HOSTS
 from msal.exceptions import MsalServiceError
 
@@ -222,6 +223,7 @@ class MicrosoftProvider(Provider):
         params.update({"login_hint": login_hint} if login_hint else {"prompt": "select_account"})
         return f"{endpoint}?{urlencode(params)}"
 
+    @sensitive_variables()
     def exchange_code(self, *, code: str, redirect_uri: str, code_verifier: str) -> ConsentResult:
         def redeem(app: Any) -> dict[str, Any]:
             # The one msal call that takes our code_verifier. It and the client under it
