@@ -286,11 +286,14 @@ def test_an_answer_with_another_state_is_refused(provider_settings, terminal, vi
     address = redirect_address(url)
     forged = re.sub(r"state=[^&]+", "state=not-the-one-we-sent", address)
 
-    if via == "paste":
-        terminal.paste(forged)
-    else:
+    if via == "browser":
+        # Anyone on this machine can send it: refused, and the command keeps waiting.
         page = requests.get(forged, timeout=5)
         assert page.status_code == 400 and "state mismatch" in page.text
+        assert requests.get(address, timeout=5).status_code == 200
+        assert "Connected:" in run.finish()
+        return
+    terminal.paste(forged)  # a person pasting an old address: told at once
 
     error = run.failure()
     assert "does not belong to this request (state mismatch)" in str(error)

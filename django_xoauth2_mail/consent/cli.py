@@ -93,7 +93,9 @@ def consent_by_loopback(
     """Authorization code + PKCE (S256) + state, answered at a loopback redirect URI."""
     state, pkce = make_state(), make_pkce_pair()
     inbox = AnswerInbox()
-    server = LoopbackServer(inbox, port=options.port, check=lambda p: answer_problem(p, state))
+    server = LoopbackServer(
+        inbox, state=state, port=options.port, check=lambda p: answer_problem(p, state)
+    )
     try:
         server.start()
     except OSError as exc:
