@@ -24,6 +24,7 @@ from django.views.decorators.debug import sensitive_variables
 
 from django_xoauth2_mail.consent.flows import (
     ConsentError,
+    check_issuer,
     check_state,
     make_pkce_pair,
     make_state,
@@ -221,6 +222,10 @@ def callback_view(request: HttpRequest, model_admin: MailboxAdmin) -> HttpRespon
 def _finish_flow(request: HttpRequest) -> tuple[Mailbox, bool]:
     """Check the answer, trade the code for tokens and save them: (mailbox, created)."""
     flow = _take_checked_flow(request)
+    # The code is redeemed only at the provider that started the flow, and only if
+    # the answer does not say another server sent it (RFC 9207): see check_issuer.
+    provider = get_provider(flow.provider_id)
+    check_issuer(provider, request.GET.get("iss"))
     _raise_for_provider_error(request)
     code = request.GET.get("code")
     if not code:
@@ -231,7 +236,7 @@ def _finish_flow(request: HttpRequest) -> tuple[Mailbox, bool]:
             )
         )
     try:
-        result = get_provider(flow.provider_id).exchange_code(
+        result = provider.exchange_code(
             code=code, redirect_uri=flow.redirect_uri, code_verifier=flow.code_verifier
         )
     except (GrantRevoked, TokenEndpointError, OSError) as exc:

@@ -6,17 +6,31 @@ from __future__ import annotations
 
 import json
 import sys
+from collections.abc import Iterator
 from typing import Any
-from urllib.parse import parse_qs, urlsplit
+from urllib.parse import parse_qs, parse_qsl, urlencode, urlsplit
 
 import pytest
 from django.core.signals import got_request_exception
 from django.test import Client
 from django.views.debug import ExceptionReporter
 
+from django_xoauth2_mail.consent.flows import ConsentError, check_issuer
+from django_xoauth2_mail.models import Mailbox
+from django_xoauth2_mail.providers import get_provider
+from django_xoauth2_mail.testing import OAuth2Server
+from django_xoauth2_mail.testing.fixtures import TEST_CLIENT_ID, TEST_CLIENT_SECRET
 from django_xoauth2_mail.views import SESSION_KEY, PendingFlow
+from tests.conftest import SENDER
 from tests.providers import conftest as provider_fixtures
-from tests.test_admin import CALLBACK, CONNECT, REDIRECT_URI, make_staff
+from tests.test_admin import (
+    CALLBACK,
+    CONNECT,
+    REDIRECT_URI,
+    answer_consent,
+    make_staff,
+    messages_of,
+)
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
@@ -99,3 +113,97 @@ def test_a_crash_in_the_code_exchange_mails_no_secret(
         for secret in (ACCESS_TOKEN, REFRESH_TOKEN, verifier, "test-secret"):
             assert secret not in report
     assert verifier not in repr(PendingFlow("x", verifier, REDIRECT_URI, None, "1", 0.0))
+
+
+# Item: mix-up (RFC 9207) -------------------------------------------------------------
+
+
+@pytest.fixture
+def attacker_server() -> Iterator[OAuth2Server]:
+    """A configured authorization server that turned malicious."""
+    with OAuth2Server() as server:
+        server.add_client("attacker-client", "attacker-secret", [REDIRECT_URI])
+        yield server
+
+
+@pytest.fixture
+def two_providers(settings, oauth2_server, attacker_server) -> None:
+    """``dev``: the honest server (it sends iss); ``oauth2``: the malicious one."""
+    oauth2_server.add_client(TEST_CLIENT_ID, TEST_CLIENT_SECRET, [REDIRECT_URI])
+    settings.XOAUTH2_MAIL = {
+        "PROVIDERS": {
+            "dev": {
+                "BASE_URL": oauth2_server.base_url,
+                "CLIENT_ID": TEST_CLIENT_ID,
+                "CLIENT_SECRET": TEST_CLIENT_SECRET,
+            },
+            "oauth2": {
+                "CLIENT_ID": "attacker-client",
+                "CLIENT_SECRET": "attacker-secret",
+                "AUTHORIZATION_URL": attacker_server.authorization_url,
+                "TOKEN_URL": attacker_server.token_url,
+                "SMTP_HOST": "127.0.0.1",
+            },
+        },
+        "HTTP_TIMEOUT": 5,
+    }
+
+
+def test_a_mix_up_is_refused_before_the_code_leaves(
+    staff_client, two_providers, oauth2_server, attacker_server
+):
+    started = urlsplit(start_flow(staff_client, "oauth2"))
+    # The malicious server sends the browser on to the honest one, with the admin's
+    # redirect URI, state and PKCE challenge, hoping to be handed the honest code.
+    bounced = dict(parse_qsl(started.query), client_id=TEST_CLIENT_ID)
+    callback_url = answer_consent(
+        f"{oauth2_server.authorization_url}?{urlencode(bounced)}", email=SENDER
+    )
+    assert parse_qs(urlsplit(callback_url).query)["iss"] == [oauth2_server.base_url]
+
+    response = staff_client.get(callback_url, follow=True)
+
+    (text,) = messages_of(response)
+    assert f"The answer was sent by {oauth2_server.base_url}" in text and "mix-up" in text
+    assert attacker_server.token_request_count == 0  # neither the code nor the verifier
+    assert oauth2_server.token_request_count == 0
+    assert not Mailbox.objects.exists()
+
+
+def test_the_dev_server_names_itself_and_the_flow_completes(
+    staff_client, two_providers, oauth2_server
+):
+    callback_url = answer_consent(start_flow(staff_client, "dev"), email=SENDER)
+    assert parse_qs(urlsplit(callback_url).query)["iss"] == [oauth2_server.base_url]
+
+    response = staff_client.get(callback_url, follow=True)
+
+    assert any(text.startswith(f"Connected {SENDER}: ") for text in messages_of(response))
+    assert Mailbox.objects.get().provider == "dev"
+
+
+@pytest.mark.parametrize("iss", [None, "http://127.0.0.1:1/elsewhere"])
+def test_an_answer_without_or_with_another_iss_is_refused(
+    iss, staff_client, two_providers, oauth2_server
+):
+    callback_url = answer_consent(start_flow(staff_client, "dev"), email=SENDER)
+    params = dict(parse_qsl(urlsplit(callback_url).query))
+    del params["iss"]
+    if iss is not None:
+        params["iss"] = iss
+
+    response = staff_client.get(CALLBACK, params, follow=True)
+
+    (text,) = messages_of(response)
+    assert "Nothing was saved" in text
+    assert ("no iss parameter" in text) if iss is None else (f"sent by {iss}" in text)
+    assert oauth2_server.token_request_count == 0 and not Mailbox.objects.exists()
+
+
+def test_google_checks_iss_against_its_own_issuer(settings):
+    settings.XOAUTH2_MAIL = {"PROVIDERS": {"google": {"CLIENT_ID": "c", "CLIENT_SECRET": "s"}}}
+    google = get_provider("google")
+    check_issuer(google, "https://accounts.google.com")
+    check_issuer(google, None)  # not required: Google's metadata does not promise it
+    with pytest.raises(ConsentError, match="sent by https://evil.example"):
+        check_issuer(google, "https://evil.example")

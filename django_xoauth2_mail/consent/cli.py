@@ -30,6 +30,7 @@ from django_xoauth2_mail.consent.flows import (
     ConsentError,
     Say,
     as_clause,
+    check_issuer,
     check_state,
     make_pkce_pair,
     make_state,
@@ -121,6 +122,8 @@ def consent_by_loopback(
     problem = answer_problem(answer.params, None if answer.bare_code else state)
     if problem:
         raise ConsentError(problem)
+    if not answer.bare_code:  # a pasted code alone names no server; PKCE binds it
+        check_issuer(provider, answer.params.get("iss"))
     return _exchange(provider, answer, server.redirect_uri, pkce.verifier)
 
 

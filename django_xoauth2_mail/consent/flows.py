@@ -13,9 +13,11 @@ from django.db import transaction
 from django.utils import timezone
 from django.views.decorators.debug import sensitive_variables
 
+from django_xoauth2_mail.conf import conf
 from django_xoauth2_mail.exceptions import XOAuth2MailError
 from django_xoauth2_mail.models import Mailbox, MailboxStatus, normalize_address
-from django_xoauth2_mail.providers.base import ConsentResult
+from django_xoauth2_mail.providers import get_provider
+from django_xoauth2_mail.providers.base import ConsentResult, Provider
 
 
 class ConsentError(XOAuth2MailError):
@@ -44,6 +46,47 @@ def check_state(expected: str | None, received: str | None) -> None:
             "The consent answer does not belong to this request (state mismatch). Start "
             "the connection again; if it keeps happening, someone may be replaying an old link."
         )
+
+
+def check_issuer(provider: Provider, iss: str | None) -> None:
+    """Refuse an authorization response another server sent (RFC 9207, mix-up).
+
+    ``iss``, when present, must be ``provider``'s issuer; where that issuer is not known
+    here, it must at least not be the issuer of another configured provider (a malicious
+    server bouncing the person to an honest one, to be sent the honest server's code).
+    A server that always sends ``iss`` must have sent it.
+    """
+    if iss is None:
+        if provider.requires_iss:
+            raise ConsentError(
+                f"The answer does not say which server sent it (no iss parameter), but "
+                f"{provider.name} ({provider.id}) always does, so it did not come from "
+                f"{provider.id}. Nothing was saved; start the connection again."
+            )
+        return
+    expected = provider.issuer
+    if expected is not None and iss == expected:
+        return
+    if expected is None and not any(iss == other.issuer for other in _other_providers(provider)):
+        return
+    raise ConsentError(
+        f"The answer was sent by {iss}, but the connection was started with {provider.name} "
+        f"({provider.id}){f', which is {expected}' if expected else ''}. Nothing was saved. "
+        "One configured authorization server may be redirecting consents to another "
+        "(an OAuth mix-up attack): check each provider's settings before trying again."
+    )
+
+
+def _other_providers(provider: Provider) -> list[Provider]:
+    others = []
+    for provider_id in conf.PROVIDERS:
+        if provider_id == provider.id:
+            continue
+        try:
+            others.append(get_provider(provider_id))
+        except (XOAuth2MailError, ImportError):
+            continue  # a broken entry is the system checks' business, not this answer's
+    return others
 
 
 @sensitive_variables()

@@ -102,7 +102,12 @@ class OAuth2Provider(Provider):
             return None
         return email if isinstance(email, str) else None
 
-    # RFC 8628, when the server names its device authorization endpoint.
+    @property
+    def issuer(self) -> str | None:
+        return self._setting("ISSUER") or None
+
+        # RFC 8628, when the server names its device authorization endpoint.
+
     supports_device_flow = True
 
     def start_device_flow(self) -> DeviceFlow:
