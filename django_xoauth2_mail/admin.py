@@ -249,3 +249,27 @@ class MailboxAdmin(_ModelAdmin):
                 "settings at the provider."
             )
         self.message_user(request, text % {"email": mailbox.email}, messages.SUCCESS)
+
+    # Deleting -------------------------------------------------------------------------
+    # A deleted row would otherwise leave its grant alive at the provider, with nobody
+    # here left to revoke it: deletion revokes, like Disconnect.
+
+    def delete_model(self, request: HttpRequest, obj: Mailbox) -> None:
+        self._report_revocation(request, obj.email, tokens.delete_and_revoke(obj))
+
+    def delete_queryset(self, request: HttpRequest, queryset: QuerySet[Mailbox]) -> None:
+        for mailbox in queryset:
+            self._report_revocation(request, mailbox.email, tokens.delete_and_revoke(mailbox))
+
+    def _report_revocation(self, request: HttpRequest, email: str, revoked: bool) -> None:
+        if revoked:
+            text = _("Deleted %(email)s: the provider revoked its grant.")
+            level = messages.SUCCESS
+        else:
+            text = _(
+                "Deleted %(email)s, but the provider did not revoke its grant (it offers no "
+                "revocation, or did not answer). To end it there too, remove this "
+                "application's access in the account's security settings at the provider."
+            )
+            level = messages.WARNING
+        self.message_user(request, text % {"email": email}, level)

@@ -248,3 +248,15 @@ def revoke_at_provider(provider_id: str, refresh_token: str | None) -> bool:
         return get_provider(provider_id).revoke_token(refresh_token)
     except (XOAuth2MailError, TokenEndpointError, OSError):
         return False  # the tokens are gone here either way; the message says what to do
+
+
+@sensitive_variables()
+def delete_and_revoke(mailbox: Mailbox) -> bool:
+    """Delete the mailbox and revoke its grant at the provider: True when revoked.
+
+    The tokens are wiped first, under the row lock, so a refresh running now cannot
+    leave a live token behind; revocation comes last, as it may be slow or fail.
+    """
+    refresh_token = wipe_tokens(mailbox)
+    mailbox.delete()
+    return revoke_at_provider(mailbox.provider, refresh_token)

@@ -21,10 +21,12 @@ from django_xoauth2_mail.providers import get_provider
 from django_xoauth2_mail.testing import OAuth2Server
 from django_xoauth2_mail.testing.fixtures import TEST_CLIENT_ID, TEST_CLIENT_SECRET
 from django_xoauth2_mail.views import SESSION_KEY, PendingFlow
-from tests.conftest import SENDER
+from tests import test_admin as admin_tests
+from tests.conftest import SENDER, make_mailbox
 from tests.providers import conftest as provider_fixtures
 from tests.test_admin import (
     CALLBACK,
+    CHANGELIST,
     CONNECT,
     REDIRECT_URI,
     answer_consent,
@@ -38,6 +40,8 @@ pytestmark = pytest.mark.django_db(transaction=True)
 https_oauth2_server = provider_fixtures.https_oauth2_server
 microsoft_smtp_server = provider_fixtures.microsoft_smtp_server
 microsoft_settings = provider_fixtures.microsoft_settings
+# The oauth2 provider at the dev server, with userinfo and revocation (tests/test_admin.py).
+provider_settings = admin_tests.provider_settings
 
 ACCESS_TOKEN = "at-4c1d6b0e9f8a-new-access-token"
 REFRESH_TOKEN = "rt-7e2a5c9d3b1f-new-refresh-token"
@@ -207,3 +211,62 @@ def test_google_checks_iss_against_its_own_issuer(settings):
     check_issuer(google, None)  # not required: Google's metadata does not promise it
     with pytest.raises(ConsentError, match="sent by https://evil.example"):
         check_issuer(google, "https://evil.example")
+
+
+# Item: deleting a mailbox revokes its grant ----------------------------------------------
+
+
+@pytest.fixture
+def deleting_client(provider_settings, django_user_model) -> Client:
+    client = Client()
+    client.force_login(
+        make_staff(django_user_model, "deleter", "view_mailbox", "change_mailbox", "delete_mailbox")
+    )
+    return client
+
+
+REVOKE_NOTICE = "Deleting a mailbox also ends its consent: its grant is revoked at the provider"
+
+
+def test_deleting_a_mailbox_revokes_its_grant(deleting_client, oauth2_server):
+    mailbox = make_mailbox(oauth2_server, fresh=True)
+    url = f"{CHANGELIST}{mailbox.pk}/delete/"
+
+    confirmation = deleting_client.get(url)
+    assert REVOKE_NOTICE in confirmation.content.decode()
+    response = deleting_client.post(url, {"post": "yes"}, follow=True)
+
+    assert not Mailbox.objects.exists()
+    assert not oauth2_server.validate_access_token(SENDER, mailbox.access_token)
+    assert f"Deleted {SENDER}: the provider revoked its grant." in messages_of(response)
+
+
+def test_delete_selected_revokes_each_grant(deleting_client, oauth2_server):
+    boxes = [make_mailbox(oauth2_server, f"{n}@example.com", fresh=True) for n in ("a", "b")]
+    selection = {"action": "delete_selected", "_selected_action": [m.pk for m in boxes]}
+
+    confirmation = deleting_client.post(CHANGELIST, selection)
+    assert REVOKE_NOTICE in confirmation.content.decode()
+    response = deleting_client.post(CHANGELIST, {**selection, "post": "yes"}, follow=True)
+
+    assert not Mailbox.objects.exists()
+    for mailbox in boxes:
+        assert not oauth2_server.validate_access_token(mailbox.email, mailbox.access_token)
+        assert f"Deleted {mailbox.email}: the provider revoked its grant." in messages_of(response)
+
+
+def test_deleting_without_revocation_says_what_to_do(
+    deleting_client, oauth2_server, provider_settings
+):
+    del provider_settings["PROVIDERS"]["oauth2"]["REVOCATION_URL"]
+    mailbox = make_mailbox(oauth2_server, fresh=True)
+
+    response = deleting_client.post(
+        f"{CHANGELIST}{mailbox.pk}/delete/", {"post": "yes"}, follow=True
+    )
+
+    assert not Mailbox.objects.exists()
+    assert any(
+        "the provider did not revoke its grant" in text and "remove this application" in text
+        for text in messages_of(response)
+    )
