@@ -22,6 +22,7 @@ from django.urls import reverse
 from django.utils.translation import gettext as _
 from django.views.decorators.debug import sensitive_variables
 
+from django_xoauth2_mail import tokens
 from django_xoauth2_mail.consent.flows import (
     ConsentError,
     check_issuer,
@@ -35,7 +36,7 @@ from django_xoauth2_mail.exceptions import XOAuth2MailError
 from django_xoauth2_mail.forms import ConnectMailboxForm
 from django_xoauth2_mail.models import Mailbox
 from django_xoauth2_mail.providers import get_provider
-from django_xoauth2_mail.providers.base import GrantRevoked, TokenEndpointError
+from django_xoauth2_mail.providers.base import ConsentResult, GrantRevoked, TokenEndpointError
 
 SESSION_KEY = "xoauth2_mail_consent_flows"
 # Providers' authorization codes live about 10 minutes; a flow older than this
@@ -60,6 +61,8 @@ class PendingFlow:
     requested_email: str | None
     user_id: str
     started_at: float
+    # The person accepted that the typed address may not be checked (see _finish_flow).
+    accept_unidentified: bool = False
 
 
 @sensitive_variables()
@@ -189,6 +192,7 @@ def _redirect_to_provider(
             requested_email=email,
             user_id=str(request.user.pk),
             started_at=time.time(),
+            accept_unidentified=bool(data.get("accept_unidentified")),
         ),
     )
     return HttpResponseRedirect(url)
@@ -250,7 +254,28 @@ def _finish_flow(request: HttpRequest) -> tuple[Mailbox, bool]:
         ) from exc
     email = resolve_email(result, flow.requested_email)
     created = not Mailbox.objects.filter(email=email).exists()
+    if result.email is None and not created and not flow.accept_unidentified:
+        _refuse_unidentified(flow, result, email)
     return save_consent(flow.provider_id, result, flow.requested_email), created
+
+
+@sensitive_variables()
+def _refuse_unidentified(flow: PendingFlow, result: ConsentResult, email: str) -> None:
+    """An address typed in the form is all that names the account: it must not replace
+    a working mailbox's grant (anyone consenting as another account would take it over)."""
+    tokens.revoke_at_provider(flow.provider_id, result.refresh_token or result.access_token)
+    raise ConsentError(
+        _(
+            "The provider did not say which account gave consent, so this grant cannot "
+            "safely replace the one of the existing mailbox %(email)s. Nothing was saved "
+            "(the new grant was given back to the provider). If you signed in at the "
+            "provider as %(email)s, click “Connect mailbox” again and tick “Replace an "
+            "existing mailbox's grant even if the provider does not say who consented”; "
+            "better, configure the provider to return the address (USERINFO_URL, or the "
+            "openid and email scopes)."
+        )
+        % {"email": email}
+    )
 
 
 def _take_checked_flow(request: HttpRequest) -> PendingFlow:

@@ -270,3 +270,55 @@ def test_deleting_without_revocation_says_what_to_do(
         "the provider did not revoke its grant" in text and "remove this application" in text
         for text in messages_of(response)
     )
+
+
+# Item: the typed address, when the provider does not say who consented --------------
+
+
+@pytest.fixture
+def anonymous_provider(provider_settings):
+    """The oauth2 provider without userinfo nor openid scope: it never names the account."""
+    del provider_settings["PROVIDERS"]["oauth2"]["USERINFO_URL"]
+    return provider_settings
+
+
+def connect_as(client: Client, *, ask: str, consent_as: str, accept: bool = False) -> Any:
+    data = {"provider": "oauth2", "email": ask}
+    if accept:
+        data["accept_unidentified"] = "on"
+    response = client.post(CONNECT, data)
+    assert response.status_code == 302, response.content.decode()
+    return client.get(answer_consent(response["Location"], email=consent_as), follow=True)
+
+
+def test_an_unidentified_consent_cannot_take_over_a_mailbox(
+    staff_client, anonymous_provider, oauth2_server
+):
+    victim = make_mailbox(oauth2_server, "b@example.com", fresh=True)
+
+    response = connect_as(staff_client, ask="b@example.com", consent_as="a@example.com")
+
+    (text,) = messages_of(response)
+    assert "did not say which account gave consent" in text and "Nothing was saved" in text
+    kept = Mailbox.objects.get()
+    assert kept.refresh_token == victim.refresh_token and kept.access_token == victim.access_token
+
+
+def test_an_unidentified_consent_replaces_a_grant_when_accepted(
+    staff_client, anonymous_provider, oauth2_server
+):
+    old = make_mailbox(oauth2_server, "b@example.com", fresh=True)
+
+    response = connect_as(
+        staff_client, ask="b@example.com", consent_as="b@example.com", accept=True
+    )
+
+    assert any(text.startswith("Reconnected b@example.com") for text in messages_of(response))
+    assert Mailbox.objects.get().refresh_token != old.refresh_token
+
+
+def test_an_unidentified_consent_may_create_a_mailbox(staff_client, anonymous_provider):
+    response = connect_as(staff_client, ask="new@example.com", consent_as="new@example.com")
+
+    assert any(text.startswith("Connected new@example.com") for text in messages_of(response))
+    assert Mailbox.objects.get().email == "new@example.com"

@@ -771,3 +771,15 @@ def test_subprocess_ctrl_c(tmp_path, auto_approving):
     assert "Traceback" not in stderr
     assert_closed(port)
     assert not Mailbox.objects.exists()
+
+
+def test_email_trusted_unchecked_is_warned_about(oauth2_settings, oauth2_server):
+    # tests/conftest.py's oauth2 provider never says which account consented.
+    make_mailbox(oauth2_server, SENDER)
+    run = connect("oauth2", "--no-browser", "--no-verify", "--email", SENDER, stdin=io.StringIO(""))
+    browse(run.first_url(), email=OTHER)  # signed in as another account
+
+    run.finish()
+    warning = run.stderr.getvalue()
+    assert "did not say which account gave consent" in warning and "unchecked" in warning
+    assert "replaces the grant this mailbox had" in warning
