@@ -24,6 +24,7 @@ from django.views.decorators.debug import sensitive_variables
 from django_xoauth2_mail import signals
 from django_xoauth2_mail.conf import conf
 from django_xoauth2_mail.exceptions import (
+    EncryptionKeyError,
     MailboxDisconnected,
     MailboxReconnectRequired,
     TokenRefreshError,
@@ -220,6 +221,30 @@ def _copy_token_state(source: Mailbox, target: Mailbox) -> None:
 
 # Disconnecting, for the admin and disconnect_mailbox. -----------------------
 
+# The encrypted columns: deferred wherever a row must be handled even if they cannot be
+# decrypted (a SECRET_KEY changed without a fallback), and read only when needed.
+TOKEN_FIELDS = ("refresh_token", "access_token")
+
+
+def tokens_readable(mailbox: Mailbox) -> bool:
+    """False when the stored tokens cannot be decrypted with the configured keys."""
+    try:
+        mailbox.refresh_token  # noqa: B018 (loads a deferred field)
+        mailbox.access_token  # noqa: B018
+    except EncryptionKeyError:
+        return False
+    return True
+
+
+@sensitive_variables()
+def readable_refresh_token(mailbox: Mailbox) -> str | None:
+    """The stored refresh token, or the access token where there is none (either stands
+    for the grant when revoking); None when there is none or it cannot be decrypted."""
+    try:
+        return mailbox.refresh_token or mailbox.access_token
+    except EncryptionKeyError:
+        return None
+
 
 @sensitive_variables()
 def wipe_tokens(mailbox: Mailbox) -> str | None:
@@ -229,8 +254,9 @@ def wipe_tokens(mailbox: Mailbox) -> str | None:
     now cannot write a new token back after the wipe (it sees the status).
     """
     with transaction.atomic():
-        locked = Mailbox.objects.select_for_update().get(pk=mailbox.pk)
-        refresh_token = locked.refresh_token
+        locked = Mailbox.objects.select_for_update().defer(*TOKEN_FIELDS).get(pk=mailbox.pk)
+        # Tokens the configured keys cannot read (SECRET_KEY changed) are wiped all the same.
+        refresh_token = readable_refresh_token(locked)
         locked.refresh_token = None
         locked.access_token = None
         locked.access_token_expires_at = None

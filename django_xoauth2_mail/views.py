@@ -126,7 +126,10 @@ def connect_view(request: HttpRequest, model_admin: MailboxAdmin) -> HttpRespons
 def _mailbox_from_query(request: HttpRequest) -> Mailbox | None:
     """The mailbox a Reconnect link names (?mailbox=<pk>), to preselect its values."""
     pk = request.GET.get("mailbox", "")
-    return Mailbox.objects.filter(pk=int(pk)).first() if pk.isdigit() else None
+    if not pk.isdigit():
+        return None
+    # Its tokens are not needed here, and may not decrypt: reconnecting is the cure.
+    return Mailbox.objects.defer(*tokens.TOKEN_FIELDS).filter(pk=int(pk)).first()
 
 
 def _render_connect_page(

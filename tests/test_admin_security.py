@@ -4,6 +4,7 @@ deleting a mailbox, and what a cookie-based session lets the browser see."""
 
 from __future__ import annotations
 
+import io
 import json
 import sys
 from collections.abc import Iterator
@@ -11,6 +12,8 @@ from typing import Any
 from urllib.parse import parse_qs, parse_qsl, urlencode, urlsplit
 
 import pytest
+from cryptography.fernet import Fernet
+from django.core.management import call_command
 from django.core.signals import got_request_exception
 from django.test import Client
 from django.views.debug import ExceptionReporter
@@ -322,3 +325,79 @@ def test_an_unidentified_consent_may_create_a_mailbox(staff_client, anonymous_pr
 
     assert any(text.startswith("Connected new@example.com") for text in messages_of(response))
     assert Mailbox.objects.get().email == "new@example.com"
+
+
+# Item: a row whose tokens cannot be decrypted ----------------------------------------
+
+
+@pytest.fixture
+def key_changed(oauth2_server, provider_settings) -> Mailbox:
+    """A mailbox saved under the old key, then the key changed without a fallback
+    (a production copy restored to staging); and one healthy mailbox."""
+    provider_settings["ENCRYPTION_KEYS"] = [Fernet.generate_key().decode()]
+    stale = make_mailbox(oauth2_server, "stale@example.com", fresh=True)
+    # (ENCRYPTION_KEYS rather than SECRET_KEY, which would also end the admin's session.)
+    provider_settings["ENCRYPTION_KEYS"] = [Fernet.generate_key().decode()]
+    make_mailbox(oauth2_server, "healthy@example.com", fresh=True)
+    return stale
+
+
+def test_undecryptable_rows_are_listed_and_shown(deleting_client, key_changed):
+    changelist = deleting_client.get(CHANGELIST)
+    change = deleting_client.get(f"{CHANGELIST}{key_changed.pk}/change/")
+    delete = deleting_client.get(f"{CHANGELIST}{key_changed.pk}/delete/")
+    reconnect = deleting_client.get(f"{CONNECT}?mailbox={key_changed.pk}")
+
+    for page in (changelist, change, delete, reconnect):
+        assert page.status_code == 200
+    body = changelist.content.decode()
+    assert body.count("xoauth2-status-undecryptable") == 1 and "Cannot be decrypted" in body
+    assert "healthy@example.com" in body and body.count("xoauth2-status-connected") == 1
+    assert "cannot be decrypted with the configured keys" in change.content.decode()
+
+
+def test_reconnect_replaces_tokens_it_cannot_read(deleting_client, key_changed, oauth2_server):
+    response = connect_as(deleting_client, ask="stale@example.com", consent_as="stale@example.com")
+
+    assert any(t.startswith("Reconnected stale@example.com") for t in messages_of(response))
+    mailbox = Mailbox.objects.get(email="stale@example.com")
+    assert oauth2_server.validate_access_token(mailbox.email, mailbox.access_token)
+    assert mailbox.refresh_token  # readable again, under the new key
+
+
+def test_disconnect_and_delete_wipe_tokens_they_cannot_read(deleting_client, key_changed):
+    data = {"action": "disconnect_mailboxes", "_selected_action": [key_changed.pk], "post": "yes"}
+    response = deleting_client.post(CHANGELIST, data, follow=True)
+
+    assert response.status_code == 200
+    wiped = Mailbox.objects.get(email="stale@example.com")
+    assert (wiped.status, wiped.refresh_token, wiped.access_token) == ("disconnected", None, None)
+
+
+def test_refresh_action_reports_an_undecryptable_row(deleting_client, key_changed):
+    data = {"action": "refresh_access_token_now", "_selected_action": [key_changed.pk]}
+
+    response = deleting_client.post(CHANGELIST, data, follow=True)
+
+    (text,) = messages_of(response)
+    assert "cannot be decrypted" in text
+
+
+def test_deleting_an_undecryptable_row(deleting_client, key_changed):
+    response = deleting_client.post(
+        f"{CHANGELIST}{key_changed.pk}/delete/", {"post": "yes"}, follow=True
+    )
+
+    assert response.status_code == 200
+    assert not Mailbox.objects.filter(email="stale@example.com").exists()
+
+
+def test_disconnect_mailbox_command_wipes_tokens_it_cannot_read(key_changed):
+    stdout, stderr = io.StringIO(), io.StringIO()
+
+    call_command("disconnect_mailbox", "stale@example.com", stdout=stdout, stderr=stderr)
+
+    assert "cannot be decrypted with the configured keys" in stderr.getvalue()
+    assert "Wiped the stored tokens of stale@example.com" in stdout.getvalue()
+    wiped = Mailbox.objects.get(email="stale@example.com")
+    assert (wiped.status, wiped.refresh_token, wiped.access_token) == ("disconnected", None, None)

@@ -65,7 +65,9 @@ def command_errors() -> Iterator[None]:
 
 
 def find_mailbox(address: str) -> Mailbox:
-    mailbox = Mailbox.objects.filter(email=normalize_address(address)).first()
+    # Tokens deferred: disconnecting must work even if they cannot be decrypted.
+    found = Mailbox.objects.defer(*tokens.TOKEN_FIELDS).filter(email=normalize_address(address))
+    mailbox = found.first()
     if mailbox is None:
         raise MailboxNotFound(
             f"No mailbox has the address {address}. `python manage.py list_mailboxes` shows "

@@ -14,10 +14,11 @@ from django.utils import timezone
 from django.views.decorators.debug import sensitive_variables
 
 from django_xoauth2_mail.conf import conf
-from django_xoauth2_mail.exceptions import XOAuth2MailError
+from django_xoauth2_mail.exceptions import EncryptionKeyError, XOAuth2MailError
 from django_xoauth2_mail.models import Mailbox, MailboxStatus, normalize_address
 from django_xoauth2_mail.providers import get_provider
 from django_xoauth2_mail.providers.base import ConsentResult, Provider
+from django_xoauth2_mail.tokens import TOKEN_FIELDS
 
 
 class ConsentError(XOAuth2MailError):
@@ -113,13 +114,14 @@ def save_consent(provider_id: str, result: ConsentResult, requested_email: str |
     """Create or re-authorise the Mailbox, clearing any reconnect-required flag."""
     email = resolve_email(result, requested_email)
     with transaction.atomic():
-        mailbox = Mailbox.objects.select_for_update().filter(email=email).first() or Mailbox(
-            email=email
-        )
+        # The old tokens are read only if needed, and may not decrypt (SECRET_KEY
+        # changed): a consent replaces them all the same.
+        found = Mailbox.objects.select_for_update().defer(*TOKEN_FIELDS).filter(email=email)
+        mailbox = found.first() or Mailbox(email=email)
         mailbox.provider = provider_id
         mailbox.access_token = result.access_token
         mailbox.access_token_expires_at = result.expires_at
-        if result.refresh_token or not mailbox.refresh_token:
+        if result.refresh_token or not _stored_refresh_token(mailbox):
             mailbox.refresh_token = result.refresh_token
         mailbox.scopes = " ".join(result.scopes)
         mailbox.status = MailboxStatus.CONNECTED
@@ -129,6 +131,14 @@ def save_consent(provider_id: str, result: ConsentResult, requested_email: str |
         mailbox.token_version += 1
         mailbox.save()
     return mailbox
+
+
+@sensitive_variables()
+def _stored_refresh_token(mailbox: Mailbox) -> str | None:
+    try:
+        return mailbox.refresh_token
+    except EncryptionKeyError:
+        return None
 
 
 Say = Callable[[str], None]  # prints one line for the person, at once
