@@ -10,6 +10,7 @@ else (single use), and accepts it only from the user who started it.
 from __future__ import annotations
 
 import dataclasses
+import json
 import time
 from typing import TYPE_CHECKING, Any, TypeAlias
 from urllib.parse import urlsplit
@@ -32,7 +33,8 @@ from django_xoauth2_mail.consent.flows import (
     resolve_email,
     save_consent,
 )
-from django_xoauth2_mail.exceptions import XOAuth2MailError
+from django_xoauth2_mail.crypto import decrypt, encrypt
+from django_xoauth2_mail.exceptions import EncryptionKeyError, XOAuth2MailError
 from django_xoauth2_mail.forms import ConnectMailboxForm
 from django_xoauth2_mail.models import Mailbox
 from django_xoauth2_mail.providers import get_provider
@@ -65,10 +67,18 @@ class PendingFlow:
     accept_unidentified: bool = False
 
 
+# Each pending flow is kept sealed (encrypted with the package's token keys, see
+# crypto.py): with cookie-based sessions the session lives in the browser, signed but
+# readable, and the PKCE verifier must not. Its start time stays outside, for pruning
+# and expiry; a cookie session is signed, so it cannot be moved either.
+
+
 @sensitive_variables()
 def remember_flow(request: HttpRequest, state: str, flow: PendingFlow) -> None:
     flows: dict[str, dict[str, Any]] = dict(request.session.get(SESSION_KEY, {}))
-    flows[state] = dataclasses.asdict(flow)
+    secret_part = dataclasses.asdict(flow)
+    started_at = secret_part.pop("started_at")
+    flows[state] = {"started_at": started_at, "sealed": encrypt(json.dumps(secret_part))}
     newest = sorted(flows.items(), key=lambda item: float(item[1]["started_at"]))
     request.session[SESSION_KEY] = dict(newest[-MAX_PENDING_FLOWS:])
 
@@ -84,7 +94,13 @@ def take_flow(request: HttpRequest, state: str) -> PendingFlow | None:
     # racing on one state can both read it; the provider's single-use code
     # then lets at most one of them through.)
     request.session.save()
-    return PendingFlow(**entry) if entry is not None else None
+    if entry is None:
+        return None
+    try:
+        secret_part = json.loads(decrypt(str(entry.get("sealed", ""))))
+        return PendingFlow(**secret_part, started_at=float(entry["started_at"]))
+    except (EncryptionKeyError, ValueError, TypeError, KeyError):
+        return None  # sealed under a key since changed, or not ours: an unknown flow
 
 
 def admin_url(model_admin: MailboxAdmin, name: str, *args: Any) -> str:

@@ -4,6 +4,8 @@ deleting a mailbox, and what a cookie-based session lets the browser see."""
 
 from __future__ import annotations
 
+import base64
+import hashlib
 import io
 import json
 import sys
@@ -13,12 +15,15 @@ from urllib.parse import parse_qs, parse_qsl, urlencode, urlsplit
 
 import pytest
 from cryptography.fernet import Fernet
+from django.contrib.sessions.serializers import JSONSerializer
+from django.core import signing
 from django.core.management import call_command
 from django.core.signals import got_request_exception
 from django.test import Client
 from django.views.debug import ExceptionReporter
 
 from django_xoauth2_mail.consent.flows import ConsentError, check_issuer
+from django_xoauth2_mail.crypto import decrypt
 from django_xoauth2_mail.models import Mailbox
 from django_xoauth2_mail.providers import get_provider
 from django_xoauth2_mail.testing import OAuth2Server
@@ -68,8 +73,9 @@ def state_of(authorization_url: str) -> str:
 
 
 def pending_verifier(client: Client, state: str) -> str:
+    """The PKCE verifier of a pending flow, unsealed as the callback does."""
     entry: dict[str, Any] = client.session[SESSION_KEY][state]
-    return str(entry["code_verifier"])
+    return str(json.loads(decrypt(entry["sealed"]))["code_verifier"])
 
 
 # Item: the mailed error report ------------------------------------------------------
@@ -401,3 +407,33 @@ def test_disconnect_mailbox_command_wipes_tokens_it_cannot_read(key_changed):
     assert "Wiped the stored tokens of stale@example.com" in stdout.getvalue()
     wiped = Mailbox.objects.get(email="stale@example.com")
     assert (wiped.status, wiped.refresh_token, wiped.access_token) == ("disconnected", None, None)
+
+
+# Item: the PKCE verifier in a cookie-based session --------------------------------------
+
+
+def test_a_cookie_session_does_not_carry_the_verifier_readably(
+    settings, provider_settings, django_user_model, oauth2_server
+):
+    settings.SESSION_ENGINE = "django.contrib.sessions.backends.signed_cookies"
+    client = Client()
+    client.force_login(make_staff(django_user_model, "staff", "view_mailbox", "change_mailbox"))
+    authorization_url = start_flow(client, "oauth2")
+    challenge = parse_qs(urlsplit(authorization_url).query)["code_challenge"][0]
+
+    # What the browser holds, and anyone who reads its cookies: signed, not encrypted.
+    cookie = client.cookies[settings.SESSION_COOKIE_NAME].value
+    session = signing.loads(
+        cookie,
+        salt="django.contrib.sessions.backends.signed_cookies",
+        serializer=JSONSerializer,
+    )
+    assert "code_verifier" not in json.dumps(session)
+    verifier = pending_verifier(client, state_of(authorization_url))  # sealed, but there
+    digest = hashlib.sha256(verifier.encode()).digest()
+    assert base64.urlsafe_b64encode(digest).rstrip(b"=").decode() == challenge
+    assert verifier not in json.dumps(session)
+
+    # The flow still completes with the session in the cookie.
+    response = client.get(answer_consent(authorization_url, email=SENDER), follow=True)
+    assert any(text.startswith(f"Connected {SENDER}") for text in messages_of(response))
