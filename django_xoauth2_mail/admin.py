@@ -13,7 +13,8 @@ from typing import TYPE_CHECKING, Any
 from django.contrib import admin, messages
 from django.contrib.admin.helpers import ACTION_CHECKBOX_NAME
 from django.core.mail import EmailMessage
-from django.db.models import QuerySet
+from django.db.models import QuerySet, TextField
+from django.db.models.functions import Cast
 from django.http import HttpRequest, HttpResponse
 from django.template.response import TemplateResponse
 from django.urls import URLPattern, path
@@ -24,7 +25,7 @@ from django.utils.text import Truncator
 from django.utils.translation import gettext as _
 from django.utils.translation import gettext_lazy
 
-from django_xoauth2_mail import tokens, views
+from django_xoauth2_mail import crypto, tokens, views
 from django_xoauth2_mail.backends import EmailBackend
 from django_xoauth2_mail.exceptions import XOAuth2MailError
 from django_xoauth2_mail.models import Mailbox, MailboxStatus
@@ -50,6 +51,17 @@ STATUS_COLOURS: dict[str, tuple[str, str]] = {
     MailboxStatus.DISCONNECTED: ("#616161", "#ffffff"),
 }
 TEMPLATES = "admin/django_xoauth2_mail/mailbox"
+# A badge of its own, not a stored status: the row's tokens do not decrypt.
+UNDECRYPTABLE = "undecryptable"
+STATUS_COLOURS[UNDECRYPTABLE] = ("#e65100", "#ffffff")
+
+
+def tokens_decryptable(mailbox: Mailbox) -> bool:
+    """From the ciphertext get_queryset() annotates, without loading the fields."""
+    return all(
+        crypto.is_decryptable(getattr(mailbox, name, None))
+        for name in ("sealed_refresh_token", "sealed_access_token")
+    )
 
 
 if TYPE_CHECKING:
@@ -80,6 +92,20 @@ class MailboxAdmin(_ModelAdmin):
     actions = ("send_test_email", "refresh_access_token_now", "disconnect_mailboxes")
     change_list_template = f"{TEMPLATES}/change_list.html"
     change_form_template = f"{TEMPLATES}/change_form.html"
+
+    def get_queryset(self, request: HttpRequest) -> QuerySet[Mailbox]:
+        # The token columns are never shown: not loading them keeps every page working
+        # when they cannot be decrypted (SECRET_KEY changed without a fallback); their
+        # ciphertext, read as plain text, tells which rows are affected.
+        return (
+            super()
+            .get_queryset(request)
+            .defer(*tokens.TOKEN_FIELDS)
+            .annotate(
+                sealed_refresh_token=Cast("refresh_token", TextField()),
+                sealed_access_token=Cast("access_token", TextField()),
+            )
+        )
 
     def has_add_permission(self, request: HttpRequest) -> bool:
         return False  # mailboxes are created by the Connect flow, which needs consent
@@ -113,8 +139,10 @@ class MailboxAdmin(_ModelAdmin):
         form_url: str = "",
         extra_context: dict[str, Any] | None = None,
     ) -> HttpResponse:
+        mailbox = self.get_object(request, object_id)
         # Every field is read-only, so a Save button would save nothing.
         extra = {
+            "tokens_undecryptable": mailbox is not None and not tokens_decryptable(mailbox),
             "can_connect": self.has_change_permission(request),
             "show_save": False,
             "show_save_and_continue": False,
@@ -127,16 +155,19 @@ class MailboxAdmin(_ModelAdmin):
 
     @admin.display(description=gettext_lazy("status"), ordering="status")
     def status_badge(self, mailbox: Mailbox) -> SafeString:
-        background, colour = STATUS_COLOURS.get(mailbox.status, ("#616161", "#ffffff"))
+        status, label = mailbox.status, mailbox.get_status_display()
+        if not tokens_decryptable(mailbox):
+            status, label = UNDECRYPTABLE, _("Cannot be decrypted")
+        background, colour = STATUS_COLOURS.get(status, ("#616161", "#ffffff"))
         badge = format_html(
             '<span class="xoauth2-status xoauth2-status-{}" style="background:{};color:{};'
             'padding:2px 8px;border-radius:10px;font-weight:bold;white-space:nowrap">{}</span>',
-            mailbox.status,
+            status,
             background,
             colour,
-            mailbox.get_status_display(),
+            label,
         )
-        if mailbox.status == MailboxStatus.CONNECTED:
+        if status == MailboxStatus.CONNECTED:
             return badge
         url = f"{views.admin_url(self, 'connect')}?mailbox={mailbox.pk}"
         return format_html('{} <a href="{}">{}</a>', badge, url, _("Reconnect"))
@@ -209,6 +240,7 @@ class MailboxAdmin(_ModelAdmin):
         for mailbox in queryset:
             try:
                 # Naming the current token as rejected forces a refresh even if it is fresh.
+                # (Read inside the try: it may not decrypt.)
                 tokens.get_access_token(mailbox, rejected_token=mailbox.access_token)
             except XOAuth2MailError as exc:
                 self.message_user(request, str(exc), messages.ERROR)
@@ -259,3 +291,27 @@ class MailboxAdmin(_ModelAdmin):
                 "settings at the provider."
             )
         self.message_user(request, text % {"email": mailbox.email}, messages.SUCCESS)
+
+    # Deleting -------------------------------------------------------------------------
+    # A deleted row would otherwise leave its grant alive at the provider, with nobody
+    # here left to revoke it: deletion revokes, like Disconnect.
+
+    def delete_model(self, request: HttpRequest, obj: Mailbox) -> None:
+        self._report_revocation(request, obj.email, tokens.delete_and_revoke(obj))
+
+    def delete_queryset(self, request: HttpRequest, queryset: QuerySet[Mailbox]) -> None:
+        for mailbox in queryset:
+            self._report_revocation(request, mailbox.email, tokens.delete_and_revoke(mailbox))
+
+    def _report_revocation(self, request: HttpRequest, email: str, revoked: bool) -> None:
+        if revoked:
+            text = _("Deleted %(email)s: the provider revoked its grant.")
+            level = messages.SUCCESS
+        else:
+            text = _(
+                "Deleted %(email)s, but the provider did not revoke its grant (it offers no "
+                "revocation, or did not answer). To end it there too, remove this "
+                "application's access in the account's security settings at the provider."
+            )
+            level = messages.WARNING
+        self.message_user(request, text % {"email": email}, level)

@@ -84,6 +84,18 @@ def decrypt(value: str) -> str:
 
 
 @sensitive_variables()
+def is_decryptable(value: str | None) -> bool:
+    """True when stored ciphertext (or no value) can be read with the configured keys."""
+    if value is None:
+        return True
+    try:
+        fernet().decrypt(value.encode("ascii"))
+    except (InvalidToken, UnicodeEncodeError):
+        return False
+    return True
+
+
+@sensitive_variables()
 def rotate(value: str) -> str:
     """Re-encrypt ciphertext under the newest key."""
     return fernet().rotate(value.encode("ascii")).decode("ascii")

@@ -45,7 +45,20 @@ class ConnectMailboxForm(forms.Form):
         required=False,
         help_text=_(
             "Optional. The account to connect: the provider's sign-in page is pre-filled with "
-            "it, and the consent is refused if another account gives it."
+            "it, and the consent is refused if the provider says another account gave it. "
+            "A provider that does not say which account consented cannot replace the grant "
+            "of an existing mailbox unless you tick the box below."
+        ),
+    )
+    accept_unidentified = forms.BooleanField(
+        label=_(
+            "Replace an existing mailbox's grant even if the provider does not say who consented"
+        ),
+        required=False,
+        help_text=_(
+            "Only for providers that return no address (an oauth2 server without "
+            "USERINFO_URL or an email claim): the grant is then saved for the address typed "
+            "above without any check, so sign in at the provider as exactly that account."
         ),
     )
 

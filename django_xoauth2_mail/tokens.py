@@ -15,6 +15,7 @@ import os
 import threading
 import time
 from collections import defaultdict
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 from django.db import connections, router, transaction
@@ -25,6 +26,7 @@ from django.views.decorators.debug import sensitive_variables
 from django_xoauth2_mail import signals
 from django_xoauth2_mail.conf import conf
 from django_xoauth2_mail.exceptions import (
+    EncryptionKeyError,
     MailboxDisconnected,
     MailboxNotFound,
     MailboxReconnectRequired,
@@ -61,7 +63,9 @@ def _thread_lock(mailbox_pk: int) -> threading.Lock:
         return _thread_locks[mailbox_pk]
 
 
-def locked_mailbox(using: str | None = None, **lookup: object) -> Mailbox | None:
+def locked_mailbox(
+    using: str | None = None, *, defer: Iterable[str] = (), **lookup: object
+) -> Mailbox | None:
     """The Mailbox matching ``lookup``, locked against every other writer of its
     tokens until the surrounding ``transaction.atomic`` ends (None if there is none).
 
@@ -73,7 +77,7 @@ def locked_mailbox(using: str | None = None, **lookup: object) -> Mailbox | None
     queryset = Mailbox.objects.using(using).filter(**lookup)
     if connections[using].vendor == "sqlite":
         queryset.update(token_version=F("token_version"))
-    return queryset.select_for_update().first()
+    return queryset.select_for_update().defer(*defer).first()
 
 
 def ensure_sendable(mailbox: Mailbox) -> None:
@@ -263,6 +267,30 @@ def _copy_token_state(source: Mailbox, target: Mailbox) -> None:
 
 # Disconnecting, for the admin and disconnect_mailbox. -----------------------
 
+# The encrypted columns: deferred wherever a row must be handled even if they cannot be
+# decrypted (a SECRET_KEY changed without a fallback), and read only when needed.
+TOKEN_FIELDS = ("refresh_token", "access_token")
+
+
+def tokens_readable(mailbox: Mailbox) -> bool:
+    """False when the stored tokens cannot be decrypted with the configured keys."""
+    try:
+        mailbox.refresh_token  # noqa: B018 (loads a deferred field)
+        mailbox.access_token  # noqa: B018
+    except EncryptionKeyError:
+        return False
+    return True
+
+
+@sensitive_variables()
+def readable_refresh_token(mailbox: Mailbox) -> str | None:
+    """The stored refresh token, or the access token where there is none (either stands
+    for the grant when revoking); None when there is none or it cannot be decrypted."""
+    try:
+        return mailbox.refresh_token or mailbox.access_token
+    except EncryptionKeyError:
+        return None
+
 
 @sensitive_variables()
 def wipe_tokens(mailbox: Mailbox) -> str | None:
@@ -272,10 +300,11 @@ def wipe_tokens(mailbox: Mailbox) -> str | None:
     now cannot write a new token back after the wipe (it sees the status).
     """
     with transaction.atomic():
-        locked = locked_mailbox(pk=mailbox.pk)
+        locked = locked_mailbox(pk=mailbox.pk, defer=TOKEN_FIELDS)
         if locked is None:
             return None
-        refresh_token = locked.refresh_token
+        # Tokens the configured keys cannot read (SECRET_KEY changed) are wiped all the same.
+        refresh_token = readable_refresh_token(locked)
         locked.refresh_token = None
         locked.access_token = None
         locked.access_token_expires_at = None
@@ -293,3 +322,15 @@ def revoke_at_provider(provider_id: str, refresh_token: str | None) -> bool:
         return get_provider(provider_id).revoke_token(refresh_token)
     except (XOAuth2MailError, TokenEndpointError, OSError):
         return False  # the tokens are gone here either way; the message says what to do
+
+
+@sensitive_variables()
+def delete_and_revoke(mailbox: Mailbox) -> bool:
+    """Delete the mailbox and revoke its grant at the provider: True when revoked.
+
+    The tokens are wiped first, under the row lock, so a refresh running now cannot
+    leave a live token behind; revocation comes last, as it may be slow or fail.
+    """
+    refresh_token = wipe_tokens(mailbox)
+    mailbox.delete()
+    return revoke_at_provider(mailbox.provider, refresh_token)

@@ -10,6 +10,7 @@ else (single use), and accepts it only from the user who started it.
 from __future__ import annotations
 
 import dataclasses
+import json
 import time
 from typing import TYPE_CHECKING, Any, TypeAlias
 from urllib.parse import urlsplit
@@ -20,20 +21,24 @@ from django.http import HttpRequest, HttpResponse, HttpResponseRedirect
 from django.template.response import TemplateResponse
 from django.urls import reverse
 from django.utils.translation import gettext as _
+from django.views.decorators.debug import sensitive_variables
 
+from django_xoauth2_mail import tokens
 from django_xoauth2_mail.consent.flows import (
     ConsentError,
+    check_issuer,
     check_state,
     make_pkce_pair,
     make_state,
     resolve_email,
     save_consent,
 )
-from django_xoauth2_mail.exceptions import XOAuth2MailError
+from django_xoauth2_mail.crypto import decrypt, encrypt
+from django_xoauth2_mail.exceptions import EncryptionKeyError, XOAuth2MailError
 from django_xoauth2_mail.forms import ConnectMailboxForm
 from django_xoauth2_mail.models import Mailbox
 from django_xoauth2_mail.providers import get_provider
-from django_xoauth2_mail.providers.base import GrantRevoked, TokenEndpointError
+from django_xoauth2_mail.providers.base import ConsentResult, GrantRevoked, TokenEndpointError
 
 SESSION_KEY = "xoauth2_mail_consent_flows"
 # Providers' authorization codes live about 10 minutes; a flow older than this
@@ -53,20 +58,32 @@ class PendingFlow:
     """What the callback needs from the start of a flow (JSON-serialisable)."""
 
     provider_id: str
-    code_verifier: str
+    code_verifier: str = dataclasses.field(repr=False)
     redirect_uri: str
     requested_email: str | None
     user_id: str
     started_at: float
+    # The person accepted that the typed address may not be checked (see _finish_flow).
+    accept_unidentified: bool = False
 
 
+# Each pending flow is kept sealed (encrypted with the package's token keys, see
+# crypto.py): with cookie-based sessions the session lives in the browser, signed but
+# readable, and the PKCE verifier must not. Its start time stays outside, for pruning
+# and expiry; a cookie session is signed, so it cannot be moved either.
+
+
+@sensitive_variables()
 def remember_flow(request: HttpRequest, state: str, flow: PendingFlow) -> None:
     flows: dict[str, dict[str, Any]] = dict(request.session.get(SESSION_KEY, {}))
-    flows[state] = dataclasses.asdict(flow)
+    secret_part = dataclasses.asdict(flow)
+    started_at = secret_part.pop("started_at")
+    flows[state] = {"started_at": started_at, "sealed": encrypt(json.dumps(secret_part))}
     newest = sorted(flows.items(), key=lambda item: float(item[1]["started_at"]))
     request.session[SESSION_KEY] = dict(newest[-MAX_PENDING_FLOWS:])
 
 
+@sensitive_variables()
 def take_flow(request: HttpRequest, state: str) -> PendingFlow | None:
     """Remove and return the flow started with ``state``, if this session has one."""
     flows: dict[str, dict[str, Any]] = dict(request.session.get(SESSION_KEY, {}))
@@ -77,7 +94,13 @@ def take_flow(request: HttpRequest, state: str) -> PendingFlow | None:
     # racing on one state can both read it; the provider's single-use code
     # then lets at most one of them through.)
     request.session.save()
-    return PendingFlow(**entry) if entry is not None else None
+    if entry is None:
+        return None
+    try:
+        secret_part = json.loads(decrypt(str(entry.get("sealed", ""))))
+        return PendingFlow(**secret_part, started_at=float(entry["started_at"]))
+    except (EncryptionKeyError, ValueError, TypeError, KeyError):
+        return None  # sealed under a key since changed, or not ours: an unknown flow
 
 
 def admin_url(model_admin: MailboxAdmin, name: str, *args: Any) -> str:
@@ -119,7 +142,10 @@ def connect_view(request: HttpRequest, model_admin: MailboxAdmin) -> HttpRespons
 def _mailbox_from_query(request: HttpRequest) -> Mailbox | None:
     """The mailbox a Reconnect link names (?mailbox=<pk>), to preselect its values."""
     pk = request.GET.get("mailbox", "")
-    return Mailbox.objects.filter(pk=int(pk)).first() if pk.isdigit() else None
+    if not pk.isdigit():
+        return None
+    # Its tokens are not needed here, and may not decrypt: reconnecting is the cure.
+    return Mailbox.objects.defer(*tokens.TOKEN_FIELDS).filter(pk=int(pk)).first()
 
 
 def _render_connect_page(
@@ -150,6 +176,7 @@ def _render_connect_page(
     return TemplateResponse(request, "admin/django_xoauth2_mail/mailbox/connect.html", context)
 
 
+@sensitive_variables()
 def _redirect_to_provider(
     request: HttpRequest, data: dict[str, Any], redirect_uri: str
 ) -> HttpResponse:
@@ -184,6 +211,7 @@ def _redirect_to_provider(
             requested_email=email,
             user_id=str(request.user.pk),
             started_at=time.time(),
+            accept_unidentified=bool(data.get("accept_unidentified")),
         ),
     )
     return HttpResponseRedirect(url)
@@ -192,6 +220,9 @@ def _redirect_to_provider(
 # The callback -----------------------------------------------------------------
 
 
+# The frames below hold the verifier, the code and the new tokens: an unexpected
+# error must not put them in the report mailed to ADMINS.
+@sensitive_variables()
 def callback_view(request: HttpRequest, model_admin: MailboxAdmin) -> HttpResponse:
     require_change_permission(request, model_admin)
     try:
@@ -210,9 +241,14 @@ def callback_view(request: HttpRequest, model_admin: MailboxAdmin) -> HttpRespon
     return HttpResponseRedirect(admin_url(model_admin, "change", mailbox.pk))
 
 
+@sensitive_variables()
 def _finish_flow(request: HttpRequest) -> tuple[Mailbox, bool]:
     """Check the answer, trade the code for tokens and save them: (mailbox, created)."""
     flow = _take_checked_flow(request)
+    # The code is redeemed only at the provider that started the flow, and only if
+    # the answer does not say another server sent it (RFC 9207): see check_issuer.
+    provider = get_provider(flow.provider_id)
+    check_issuer(provider, request.GET.get("iss"))
     _raise_for_provider_error(request)
     code = request.GET.get("code")
     if not code:
@@ -223,7 +259,7 @@ def _finish_flow(request: HttpRequest) -> tuple[Mailbox, bool]:
             )
         )
     try:
-        result = get_provider(flow.provider_id).exchange_code(
+        result = provider.exchange_code(
             code=code, redirect_uri=flow.redirect_uri, code_verifier=flow.code_verifier
         )
     except (GrantRevoked, TokenEndpointError, OSError) as exc:
@@ -237,7 +273,28 @@ def _finish_flow(request: HttpRequest) -> tuple[Mailbox, bool]:
         ) from exc
     email = resolve_email(result, flow.requested_email)
     created = not Mailbox.objects.filter(email=email).exists()
+    if result.email is None and not created and not flow.accept_unidentified:
+        _refuse_unidentified(flow, result, email)
     return save_consent(flow.provider_id, result, flow.requested_email), created
+
+
+@sensitive_variables()
+def _refuse_unidentified(flow: PendingFlow, result: ConsentResult, email: str) -> None:
+    """An address typed in the form is all that names the account: it must not replace
+    a working mailbox's grant (anyone consenting as another account would take it over)."""
+    tokens.revoke_at_provider(flow.provider_id, result.refresh_token or result.access_token)
+    raise ConsentError(
+        _(
+            "The provider did not say which account gave consent, so this grant cannot "
+            "safely replace the one of the existing mailbox %(email)s. Nothing was saved "
+            "(the new grant was given back to the provider). If you signed in at the "
+            "provider as %(email)s, click “Connect mailbox” again and tick “Replace an "
+            "existing mailbox's grant even if the provider does not say who consented”; "
+            "better, configure the provider to return the address (USERINFO_URL, or the "
+            "openid and email scopes)."
+        )
+        % {"email": email}
+    )
 
 
 def _take_checked_flow(request: HttpRequest) -> PendingFlow:

@@ -286,11 +286,14 @@ def test_an_answer_with_another_state_is_refused(provider_settings, terminal, vi
     address = redirect_address(url)
     forged = re.sub(r"state=[^&]+", "state=not-the-one-we-sent", address)
 
-    if via == "paste":
-        terminal.paste(forged)
-    else:
+    if via == "browser":
+        # Anyone on this machine can send it: refused, and the command keeps waiting.
         page = requests.get(forged, timeout=5)
         assert page.status_code == 400 and "state mismatch" in page.text
+        assert requests.get(address, timeout=5).status_code == 200
+        assert "Connected:" in run.finish()
+        return
+    terminal.paste(forged)  # a person pasting an old address: told at once
 
     error = run.failure()
     assert "does not belong to this request (state mismatch)" in str(error)
@@ -839,7 +842,7 @@ def test_check_prints_what_was_discovered(settings, oauth2_server):
         "is used)"
     ) in stdout
     assert "PKCE methods              S256" in stdout
-    assert "RFC 9207 iss parameter    no" in stdout
+    assert "RFC 9207 iss parameter    yes: the iss check is on" in stdout  # the dev server sends it
     assert stderr == ""
 
 
@@ -856,3 +859,15 @@ def test_check_refuses_a_mismatched_issuer_and_a_provider_without_issuer(setting
     settings.XOAUTH2_MAIL = {"PROVIDERS": {"oauth2": {"CLIENT_ID": "c", "TOKEN_URL": "x"}}}
     with pytest.raises(CommandError, match="has no ISSUER"):
         call_command("connect_mailbox", "oauth2", "--check")
+
+
+def test_email_trusted_unchecked_is_warned_about(oauth2_settings, oauth2_server):
+    # tests/conftest.py's oauth2 provider never says which account consented.
+    make_mailbox(oauth2_server, SENDER)
+    run = connect("oauth2", "--no-browser", "--no-verify", "--email", SENDER, stdin=io.StringIO(""))
+    browse(run.first_url(), email=OTHER)  # signed in as another account
+
+    run.finish()
+    warning = run.stderr.getvalue()
+    assert "did not say which account gave consent" in warning and "unchecked" in warning
+    assert "replaces the grant this mailbox had" in warning

@@ -283,7 +283,7 @@ def test_expired_token_is_refused_and_refresh_rotates(tmp_path: Path) -> None:
 
 def test_denied_consent_redirects_with_access_denied(devserver: Devserver) -> None:
     answer = consent(devserver.base_url, make_pkce_pair().challenge, "deny")
-    assert answer == {"error": "access_denied", "state": "state-1"}
+    assert answer == {"error": "access_denied", "state": "state-1", "iss": devserver.base_url}
 
 
 def test_revoked_refresh_token_is_refused_with_its_access_tokens(devserver: Devserver) -> None:

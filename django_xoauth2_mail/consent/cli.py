@@ -31,6 +31,7 @@ from django_xoauth2_mail.consent.flows import (
     ConsentError,
     Say,
     as_clause,
+    check_issuer,
     check_state,
     make_pkce_pair,
     make_state,
@@ -65,7 +66,9 @@ def command_errors() -> Iterator[None]:
 
 
 def find_mailbox(address: str) -> Mailbox:
-    mailbox = Mailbox.objects.filter(email=normalize_address(address)).first()
+    # Tokens deferred: disconnecting must work even if they cannot be decrypted.
+    found = Mailbox.objects.defer(*tokens.TOKEN_FIELDS).filter(email=normalize_address(address))
+    mailbox = found.first()
     if mailbox is None:
         raise MailboxNotFound(
             f"No mailbox has the address {address}. `python manage.py list_mailboxes` shows "
@@ -87,13 +90,16 @@ class LoopbackOptions:
     stdin: TextIO
 
 
+@sensitive_variables()
 def consent_by_loopback(
     provider: Provider, email: str | None, options: LoopbackOptions, say: Say, warn: Say
 ) -> ConsentResult:
     """Authorization code + PKCE (S256) + state, answered at a loopback redirect URI."""
     state, pkce = make_state(), make_pkce_pair()
     inbox = AnswerInbox()
-    server = LoopbackServer(inbox, port=options.port, check=lambda p: answer_problem(p, state))
+    server = LoopbackServer(
+        inbox, state=state, port=options.port, check=lambda p: answer_problem(p, state)
+    )
     try:
         server.start()
     except OSError as exc:
@@ -119,6 +125,8 @@ def consent_by_loopback(
     problem = answer_problem(answer.params, None if answer.bare_code else state)
     if problem:
         raise ConsentError(problem)
+    if not answer.bare_code:  # a pasted code alone names no server; PKCE binds it
+        check_issuer(provider, answer.params.get("iss"))
     return _exchange(provider, answer, server.redirect_uri, pkce.verifier)
 
 
@@ -213,6 +221,7 @@ def answer_problem(params: Mapping[str, str], state: str | None) -> str | None:
     return None
 
 
+@sensitive_variables()
 def _exchange(
     provider: Provider, answer: Answer, redirect_uri: str, verifier: str
 ) -> ConsentResult:

@@ -14,9 +14,12 @@ from django.utils import timezone
 from django.views.decorators.debug import sensitive_variables
 
 from django_xoauth2_mail import tokens
-from django_xoauth2_mail.exceptions import XOAuth2MailError
+from django_xoauth2_mail.conf import conf
+from django_xoauth2_mail.exceptions import EncryptionKeyError, XOAuth2MailError
 from django_xoauth2_mail.models import Mailbox, MailboxStatus, normalize_address
-from django_xoauth2_mail.providers.base import ConsentResult
+from django_xoauth2_mail.providers import get_provider
+from django_xoauth2_mail.providers.base import ConsentResult, Provider
+from django_xoauth2_mail.tokens import TOKEN_FIELDS
 
 
 class ConsentError(XOAuth2MailError):
@@ -47,6 +50,47 @@ def check_state(expected: str | None, received: str | None) -> None:
         )
 
 
+def check_issuer(provider: Provider, iss: str | None) -> None:
+    """Refuse an authorization response another server sent (RFC 9207, mix-up).
+
+    ``iss``, when present, must be ``provider``'s issuer; where that issuer is not known
+    here, it must at least not be the issuer of another configured provider (a malicious
+    server bouncing the person to an honest one, to be sent the honest server's code).
+    A server that always sends ``iss`` must have sent it.
+    """
+    if iss is None:
+        if provider.requires_iss:
+            raise ConsentError(
+                f"The answer does not say which server sent it (no iss parameter), but "
+                f"{provider.name} ({provider.id}) always does, so it did not come from "
+                f"{provider.id}. Nothing was saved; start the connection again."
+            )
+        return
+    expected = provider.issuer
+    if expected is not None and iss == expected:
+        return
+    if expected is None and not any(iss == other.issuer for other in _other_providers(provider)):
+        return
+    raise ConsentError(
+        f"The answer was sent by {iss}, but the connection was started with {provider.name} "
+        f"({provider.id}){f', which is {expected}' if expected else ''}. Nothing was saved. "
+        "One configured authorization server may be redirecting consents to another "
+        "(an OAuth mix-up attack): check each provider's settings before trying again."
+    )
+
+
+def _other_providers(provider: Provider) -> list[Provider]:
+    others = []
+    for provider_id in conf.PROVIDERS:
+        if provider_id == provider.id:
+            continue
+        try:
+            others.append(get_provider(provider_id))
+        except (XOAuth2MailError, ImportError):
+            continue  # a broken entry is the system checks' business, not this answer's
+    return others
+
+
 @sensitive_variables()
 def resolve_email(result: ConsentResult, requested: str | None) -> str:
     """The mailbox address: the provider's, checked against the one asked for."""
@@ -71,11 +115,14 @@ def save_consent(provider_id: str, result: ConsentResult, requested_email: str |
     """Create or re-authorise the Mailbox, clearing any reconnect-required flag."""
     email = resolve_email(result, requested_email)
     with transaction.atomic():
-        mailbox = tokens.locked_mailbox(email=email) or Mailbox(email=email)
+        # The old tokens are read only if needed, and may not decrypt (SECRET_KEY
+        # changed): a consent replaces them all the same.
+        found = tokens.locked_mailbox(email=email, defer=TOKEN_FIELDS)
+        mailbox = found or Mailbox(email=email)
         mailbox.provider = provider_id
         mailbox.access_token = result.access_token
         mailbox.access_token_expires_at = result.expires_at
-        if result.refresh_token or not mailbox.refresh_token:
+        if result.refresh_token or not _stored_refresh_token(mailbox):
             mailbox.refresh_token = result.refresh_token
         mailbox.scopes = " ".join(result.scopes)
         # Who consented, as the provider names the account (Microsoft: tenant/object id).
@@ -87,6 +134,14 @@ def save_consent(provider_id: str, result: ConsentResult, requested_email: str |
         mailbox.token_version += 1
         mailbox.save()
     return mailbox
+
+
+@sensitive_variables()
+def _stored_refresh_token(mailbox: Mailbox) -> str | None:
+    try:
+        return mailbox.refresh_token
+    except EncryptionKeyError:
+        return None
 
 
 Say = Callable[[str], None]  # prints one line for the person, at once

@@ -16,6 +16,7 @@ from __future__ import annotations
 import html
 import queue
 import re
+import secrets
 import threading
 import time
 from collections.abc import Callable, Mapping
@@ -72,10 +73,18 @@ class AnswerInbox:
 
 
 class LoopbackServer:
-    """Receives one redirect at ``http://127.0.0.1:PORT/``; ``port=0`` picks a free port."""
+    """Receives one redirect at ``http://127.0.0.1:PORT/``; ``port=0`` picks a free port.
 
-    def __init__(self, inbox: AnswerInbox, *, port: int = 0, check: AnswerCheck) -> None:
-        self.inbox, self.check = inbox, check
+    Only an answer carrying ``state`` (the one this run sent to the provider) is taken:
+    any local process, or a web page that rebinds a DNS name to 127.0.0.1, can send
+    requests here, and none of them may end the wait. Requests naming another Host than
+    this address (DNS rebinding) are refused outright.
+    """
+
+    def __init__(
+        self, inbox: AnswerInbox, *, state: str, port: int = 0, check: AnswerCheck
+    ) -> None:
+        self.inbox, self.check, self.state = inbox, check, state
         self._port = port  # the bound one once started; kept after stop()
         self._serving: ServerThread | None = None
         self._answered = threading.Event()
@@ -111,14 +120,24 @@ class LoopbackServer:
     def __exit__(self, *exc_info: object) -> None:
         self.stop()
 
-    def respond(self, path: str) -> tuple[int, str, str, Answer | None]:
-        """(status, title, message, answer to deliver) for a GET of ``path``."""
+    def respond(self, path: str, host: str | None) -> tuple[int, str, str, Answer | None]:
+        """(status, title, message, answer to deliver) for a GET of ``path`` with the
+        request's ``Host`` header."""
+        if host not in (f"127.0.0.1:{self._port}", f"localhost:{self._port}"):
+            return 421, "Wrong address", "This server answers only at 127.0.0.1.", None
         url = urlsplit(path)
         if url.path != "/":
             return 404, "Not found", "This address only receives the consent answer.", None
         params = _single_values(url.query)
         if "code" not in params and "error" not in params:
             return 400, "Waiting for the consent", "This address receives the consent answer.", None
+        if not secrets.compare_digest(params.get("state", ""), self.state):
+            # Not the answer to this run's request: refuse it and keep waiting.
+            text = (
+                "This answer does not belong to the consent the command is waiting for "
+                "(state mismatch); it was ignored."
+            )
+            return 400, "Not this consent", text, None
         if self._answered.is_set():
             return 409, "Already answered", "The command already has an answer.", None
         self._answered.set()
@@ -144,7 +163,7 @@ class _Handler(BaseHTTPRequestHandler):
     timeout = 10  # a connection that never sends a request frees its thread
 
     def do_GET(self) -> None:
-        status, title, message, answer = self.server.app.respond(self.path)
+        status, title, message, answer = self.server.app.respond(self.path, self.headers["Host"])
         document = (
             f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}"
             f"</title></head><body><h1>{html.escape(title)}</h1><p>{html.escape(message)}</p>"

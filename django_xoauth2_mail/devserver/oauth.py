@@ -255,7 +255,10 @@ class OAuth2Server:
     def _handle(self, endpoint: str, request: Request) -> Response:
         handlers: dict[str, Callable[[Request], Response]] = {
             "authorize": lambda request: authorize(
-                request, self._store, auto_approve=self.auto_approve
+                request,
+                self._store,
+                auto_approve=self.auto_approve,
+                issuer=issuer_url(self.base_url, request.tenant),
             ),
             "token": self._token_endpoint,
             "devicecode": self._device_authorization_endpoint,
@@ -354,6 +357,7 @@ class OAuth2Server:
             "response_types_supported": ["code"],
             "grant_types_supported": list(GRANT_TYPES),
             "code_challenge_methods_supported": ["S256"],
+            "authorization_response_iss_parameter_supported": True,
             "token_endpoint_auth_methods_supported": ["client_secret_post", "client_secret_basic"],
             "scopes_supported": sorted(RESERVED_SCOPES),
             "subject_types_supported": ["public"],

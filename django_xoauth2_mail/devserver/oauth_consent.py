@@ -25,8 +25,11 @@ _CONSENT_FIELDS = (
 )  # fmt: skip
 
 
-def authorize(request: Request, store: OAuth2Store, *, auto_approve: bool) -> Response:
-    """The authorization endpoint: a consent page, or a redirect with a code or an error."""
+def authorize(request: Request, store: OAuth2Store, *, auto_approve: bool, issuer: str) -> Response:
+    """The authorization endpoint: a consent page, or a redirect with a code or an error.
+
+    Every redirect names this server in ``iss`` (RFC 9207), as its metadata announces.
+    """
     params = request.params
     with store.lock:
         client = store.clients.get(params.get("client_id", ""))
@@ -41,11 +44,17 @@ def authorize(request: Request, store: OAuth2Store, *, auto_approve: bool) -> Re
     state = params.get("state")
     problem = _authorization_request_problem(params)
     if problem is not None:
-        return redirect(redirect_uri, error=problem[0], error_description=problem[1], state=state)
+        return redirect(
+            redirect_uri,
+            error=problem[0],
+            error_description=problem[1],
+            state=state,
+            iss=issuer,
+        )
     email = params.get("email") or params.get("login_hint", "")
     if request.method == "POST":
         if params.get("decision") != "allow":
-            return redirect(redirect_uri, error="access_denied", state=state)
+            return redirect(redirect_uri, error="access_denied", state=state, iss=issuer)
         if "@" not in email:
             return _consent_page(request, redirect_uri, "Enter the address to act as.")
     elif not (auto_approve and "@" in email):
@@ -57,7 +66,7 @@ def authorize(request: Request, store: OAuth2Store, *, auto_approve: bool) -> Re
             params["code_challenge"], params.get("nonce"), time.time() + CODE_LIFETIME,
         )  # fmt: skip
         store.save()
-    return redirect(redirect_uri, code=code, state=state)
+    return redirect(redirect_uri, code=code, state=state, iss=issuer)
 
 
 def _consent_page(request: Request, redirect_uri: str, problem: str = "") -> Response:

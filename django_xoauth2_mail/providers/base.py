@@ -212,6 +212,21 @@ class Provider:
         """Trade the authorization code for tokens (and the account's address)."""
         raise NotImplementedError
 
+    # RFC 9207: the authorization server names itself in its answer (``iss``), so a
+    # client talking to several servers can tell which one answered (mix-up defence).
+
+    @property
+    def issuer(self) -> str | None:
+        """This server's issuer identifier, or None when it is not known here."""
+        return None
+
+    @property
+    def requires_iss(self) -> bool:
+        """True when the server always sends ``iss`` in its authorization responses (its
+        metadata says ``authorization_response_iss_parameter_supported``): an answer
+        without it then cannot be from this server."""
+        return False
+
     @property
     def consent_free(self) -> bool:
         """True when this configuration mints tokens for any mailbox without a
@@ -230,18 +245,6 @@ class Provider:
 
     def revoke_token(self, token: str) -> bool:
         """Revoke a refresh token at the provider; False where it offers no revocation."""
-        return False
-
-    # Authorization server identity (RFC 8414 / RFC 9207). ----------------
-
-    @property
-    def issuer(self) -> str | None:
-        """The authorization server's issuer identifier, when configured."""
-        return None
-
-    @property
-    def requires_iss(self) -> bool:
-        """True when authorization responses must carry ``iss`` (RFC 9207)."""
         return False
 
 

@@ -54,6 +54,15 @@ class DevProvider(OAuth2Provider):
         return str(self.settings["BASE_URL"])
 
     @property
+    def issuer(self) -> str | None:
+        # The development server names itself by its base URL, in every answer.
+        return self.base_url
+
+    @property
+    def requires_iss(self) -> bool:
+        return True
+
+    @property
     def client_id(self) -> str:
         return str(self.settings["CLIENT_ID"])
 

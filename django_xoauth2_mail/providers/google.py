@@ -47,6 +47,7 @@ from django_xoauth2_mail.providers.library_logs import (
 from django_xoauth2_mail.providers.scrub import form_secrets, scrub
 
 MAIL_SCOPE = "https://mail.google.com/"
+GOOGLE_ISSUER = "https://accounts.google.com"
 DEFAULTS = {
     "TOKEN_URL": "https://oauth2.googleapis.com/token",
     "AUTHORIZATION_URL": "https://accounts.google.com/o/oauth2/v2/auth",
@@ -291,6 +292,15 @@ class GoogleProvider(Provider):
             include_granted_scopes="true",
         )
 
+    @property
+    def issuer(self) -> str | None:
+        # Google's own consent page answers with iss=https://accounts.google.com; a
+        # stand-in configured by AUTHORIZATION_URL is some other server.
+        if self._setting("AUTHORIZATION_URL") == DEFAULTS["AUTHORIZATION_URL"]:
+            return GOOGLE_ISSUER
+        return None
+
+    @sensitive_variables()
     def exchange_code(self, *, code: str, redirect_uri: str, code_verifier: str) -> ConsentResult:
         data = {
             "grant_type": "authorization_code",

@@ -244,6 +244,7 @@ class MicrosoftProvider(Provider):
         params.update({"login_hint": login_hint} if login_hint else {"prompt": "select_account"})
         return url_with_query(endpoint, params)
 
+    @sensitive_variables()
     def exchange_code(self, *, code: str, redirect_uri: str, code_verifier: str) -> ConsentResult:
         def redeem(app: Any) -> dict[str, Any]:
             # The one msal call that takes our code_verifier. It and the client under it

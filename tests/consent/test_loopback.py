@@ -46,7 +46,7 @@ def test_parse_pasted(text, params, bare):
 
 def test_loopback_server_pages_and_single_answer():
     inbox = AnswerInbox()
-    server = LoopbackServer(inbox, check=lambda params: None).start()
+    server = LoopbackServer(inbox, state="s", check=lambda params: None).start()
     base = server.redirect_uri
     try:
         assert requests.get(base + "favicon.ico", timeout=5).status_code == 404
@@ -68,10 +68,40 @@ def test_loopback_server_pages_and_single_answer():
 
 def test_a_refused_answer_is_explained_in_the_browser():
     inbox = AnswerInbox()
-    with LoopbackServer(inbox, check=lambda params: "It went <wrong>.") as server:
-        page = requests.get(server.redirect_uri + "?error=access_denied", timeout=5)
+    with LoopbackServer(inbox, state="s", check=lambda params: "It went <wrong>.") as server:
+        page = requests.get(server.redirect_uri + "?error=access_denied&state=s", timeout=5)
     assert page.status_code == 400 and "It went &lt;wrong&gt;." in page.text
-    assert inbox.wait(1, on_notice=print).params == {"error": "access_denied"}
+    assert inbox.wait(1, on_notice=print).params == {"error": "access_denied", "state": "s"}
+
+
+def test_answers_for_another_state_are_ignored_and_the_wait_goes_on():
+    inbox = AnswerInbox()
+    with LoopbackServer(inbox, state="ours", check=lambda params: None) as server:
+        base = server.redirect_uri
+        # Any local process (or a rebinding web page) can send these.
+        for query in ("?code=x&state=theirs", "?error=access_denied", "?code=x", "?state=ours"):
+            assert requests.get(base + query, timeout=5).status_code == 400
+        with pytest.raises(TimeoutError):
+            inbox.wait(0.2, on_notice=print)
+
+        page = requests.get(base + "?code=c&state=ours", timeout=5)
+
+    assert page.status_code == 200
+    assert inbox.wait(1, on_notice=print).params == {"code": "c", "state": "ours"}
+
+
+def test_a_foreign_host_is_refused():
+    inbox = AnswerInbox()
+    with LoopbackServer(inbox, state="s", check=lambda params: None) as server:
+        url = server.redirect_uri + "?code=c&state=s"
+        # A page on attacker.example whose name now resolves to 127.0.0.1 (DNS rebinding).
+        rebound = {"Host": f"attacker.example:{server.port}"}
+        assert requests.get(url, headers=rebound, timeout=5).status_code == 421
+        with pytest.raises(TimeoutError):
+            inbox.wait(0.2, on_notice=print)
+        named = {"Host": f"localhost:{server.port}"}
+        assert requests.get(url, headers=named, timeout=5).status_code == 200
+    assert inbox.wait(1, on_notice=print).params == {"code": "c", "state": "s"}
 
 
 def test_inbox_timeout_and_notices():

@@ -144,7 +144,23 @@ def test_code_is_single_use(oauth2_server):
 
 def test_denied_consent_redirects_with_access_denied(oauth2_server):
     query = consent(oauth2_server, make_pkce()[1], decision="deny")
-    assert query == {"error": "access_denied", "state": "state-123"}
+    assert query == {"error": "access_denied", "state": "state-123", "iss": oauth2_server.base_url}
+
+
+def test_every_authorization_response_names_the_server(oauth2_server):
+    # RFC 9207, announced in the metadata; clients check it against mix-up attacks.
+    assert consent(oauth2_server, make_pkce()[1])["iss"] == oauth2_server.base_url
+    refused = requests.get(
+        oauth2_server.authorization_url,
+        params={**authorize_params(make_pkce()[1]), "code_challenge_method": "plain"},
+        allow_redirects=False,
+        timeout=5,
+    )
+    assert dict(parse_qsl(urlsplit(refused.headers["Location"]).query))["iss"] == (
+        oauth2_server.base_url
+    )
+    document = requests.get(f"{oauth2_server.base_url}/.well-known/openid-configuration", timeout=5)
+    assert document.json()["authorization_response_iss_parameter_supported"] is True
 
 
 @pytest.mark.parametrize(

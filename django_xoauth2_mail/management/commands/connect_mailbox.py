@@ -176,8 +176,20 @@ class Command(BaseCommand):
             address = resolve_email(result, email)
         except ConsentError as exc:
             raise ConsentError(f"{exc} Nothing was saved.") from None
+        if result.email is None:
+            self._warn_unidentified(provider, address)
         before = Mailbox.objects.filter(email=address).values_list("status", flat=True).first()
         return save_consent(provider.id, result, email), before
+
+    def _warn_unidentified(self, provider: Provider, address: str) -> None:
+        # --email keeps its documented meaning, but nothing checked it: say so.
+        replaces = Mailbox.objects.filter(email=address).exists()
+        self.warn(
+            f"Warning: {provider.name} did not say which account gave consent, so the grant "
+            f"is saved for {address} as given with --email, unchecked. Make sure you signed "
+            f"in as {address}: another account's grant would send its mail as {address}"
+            + (" and replaces the grant this mailbox had." if replaces else ".")
+        )
 
     @staticmethod
     def _add_without_consent(provider: Provider, email: str | None) -> tuple[Mailbox, str | None]:

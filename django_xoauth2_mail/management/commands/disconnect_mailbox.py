@@ -11,7 +11,12 @@ from django_xoauth2_mail.consent.cli import command_errors, find_mailbox
 from django_xoauth2_mail.exceptions import XOAuth2MailError
 from django_xoauth2_mail.models import Mailbox
 from django_xoauth2_mail.providers import get_provider_class
-from django_xoauth2_mail.tokens import revoke_at_provider, wipe_tokens
+from django_xoauth2_mail.tokens import (
+    readable_refresh_token,
+    revoke_at_provider,
+    tokens_readable,
+    wipe_tokens,
+)
 
 # Where a person removes the app's access by hand, when revocation did not happen here.
 MANUAL_REVOCATION = {
@@ -49,8 +54,17 @@ class Command(BaseCommand):
         )
 
     def _revoke(self, mailbox: Mailbox) -> None:
+        where = MANUAL_REVOCATION.get(mailbox.provider, "the account's security settings")
+        if not tokens_readable(mailbox):
+            self.stderr.write(
+                f"The stored tokens of {mailbox.email} cannot be decrypted with the configured "
+                "keys (SECRET_KEY or ENCRYPTION_KEYS changed without keeping the old key), so "
+                f"they cannot be revoked from here; they are wiped all the same. To cut the "
+                f"app off, remove its access at {where}."
+            )
+            return
         # The refresh token stands for the whole grant (RFC 7009 section 2.1).
-        token = mailbox.refresh_token or mailbox.access_token
+        token = readable_refresh_token(mailbox)
         if not token:
             self.stdout.write(f"{mailbox.email} holds no tokens: nothing to revoke.")
             return
@@ -62,7 +76,6 @@ class Command(BaseCommand):
         if revoked:
             self.stdout.write(f"Revoked the consent of {mailbox.email} at {name}.")
             return
-        where = MANUAL_REVOCATION.get(mailbox.provider, "the account's security settings")
         self.stderr.write(
             f"{name} did not revoke the consent of {mailbox.email} (it offers no revocation "
             f"here, or did not answer). To cut the app off, remove its access at {where}."
