@@ -11,32 +11,15 @@ from typing import Any
 from cryptography.fernet import Fernet
 from django.conf import settings
 from django.core.checks import CheckMessage, Error, Tags, Warning, register
+from django.db import DatabaseError, router
 
-from django_xoauth2_mail.conf import DEFAULTS, PROVIDER_IDS, SMTP_SECURITY_MODES
+from django_xoauth2_mail.conf import DEFAULTS, PROVIDER_IDS, SMTP_SECURITY_MODES, conf
+from django_xoauth2_mail.models import Mailbox
+from django_xoauth2_mail.providers import PROVIDER_SETTINGS
 from django_xoauth2_mail.providers.base import is_loopback
 
-PROVIDER_KEYS = {
-    "CLIENT_ID",
-    "CLIENT_SECRET",
-    "SCOPES",
-    "TOKEN_URL",
-    "AUTHORIZATION_URL",
-    "USERINFO_URL",
-    "REVOCATION_URL",
-    "SMTP_HOST",
-    "SMTP_PORT",
-    "SMTP_SECURITY",
-    "SMTP_CA_FILE",
-    "TENANT",
-    "AUTHORITY_HOST",
-    "SERVICE_ACCOUNT_FILE",
-    "SERVICE_ACCOUNT_INFO",
-    "APP_ONLY",
-    "HTTP_CA_FILE",
-    "RATE_LIMIT",
-    "BASE_URL",
-    "DEVICE_AUTHORIZATION_URL",
-}
+# Every key some provider reads; providers/__init__.py says which provider reads which.
+PROVIDER_KEYS = frozenset().union(*PROVIDER_SETTINGS.values())
 NUMBERS = {
     "TOKEN_REFRESH_SKEW": (int, float),
     "SMTP_TIMEOUT": (int, float),
@@ -160,14 +143,16 @@ def _check_provider(provider_id: Any, provider_settings: Any) -> list[CheckMessa
     if not isinstance(provider_settings, Mapping):
         return [_error(9, f"{label} must be a dict of settings.", "")]
     messages: list[CheckMessage] = []
+    known = PROVIDER_SETTINGS[provider_id]
     for key in sorted(set(provider_settings) - PROVIDER_KEYS):
         messages.append(
             Warning(
                 f"{label} has an unknown key {key!r}; it is ignored.",
-                hint=f"Known keys: {', '.join(sorted(PROVIDER_KEYS))}.",
+                hint=f"Known keys: {', '.join(sorted(known))}.",
                 id="xoauth2_mail.W002",
             )
         )
+    messages += _keys_of_other_providers(provider_id, provider_settings)
     provider_class = get_provider_class(provider_id)
     for key in provider_class.required_settings:
         if not provider_settings.get(key):
@@ -242,3 +227,62 @@ def check_security(**kwargs: Any) -> list[CheckMessage]:
                 )
             )
     return messages
+
+
+# Checks of the newcomer's common mistakes (W020-W029, E020-E029). ------------------------
+
+
+def _keys_of_other_providers(provider_id: str, values: Mapping[str, Any]) -> list[CheckMessage]:
+    """A key that another provider reads (``TENANT`` under ``google``) is ignored here:
+    say whose key it is, since it was probably meant for that provider."""
+    known = PROVIDER_SETTINGS[provider_id]
+    messages: list[CheckMessage] = []
+    for key in sorted(set(values) & PROVIDER_KEYS - known):
+        owners = sorted(other for other, keys in PROVIDER_SETTINGS.items() if key in keys)
+        messages.append(
+            Warning(
+                f"XOAUTH2_MAIL['PROVIDERS'][{provider_id!r}] has {key!r}, a setting of "
+                f"{' and '.join(owners)} that {provider_id} does not read; it is ignored.",
+                hint=f"Move it under {' or '.join(repr(o) for o in owners)}, or remove it. "
+                f"{provider_id} reads: {', '.join(sorted(known))}.",
+                id="xoauth2_mail.W020",
+            )
+        )
+    return messages
+
+
+def mailboxes_without_provider(using: str | None = None) -> dict[str, list[str]]:
+    """Provider id -> addresses of the mailboxes that use it while it is missing from
+    ``XOAUTH2_MAIL["PROVIDERS"]`` (such a mailbox cannot send, nor refresh its token)."""
+    rows = Mailbox.objects.using(using).exclude(provider__in=list(conf.PROVIDERS))
+    missing: dict[str, list[str]] = {}
+    for provider_id, email in rows.order_by("email").values_list("provider", "email"):
+        missing.setdefault(provider_id, []).append(email)
+    return missing
+
+
+@register(Tags.database)
+def check_mailbox_providers(databases: Any = None, **kwargs: Any) -> list[CheckMessage]:
+    """Mailboxes whose provider is not configured. A database check: it runs in
+    ``migrate`` and ``check --database default``, not in a plain ``check``."""
+    using = router.db_for_read(Mailbox)
+    if not databases or using not in databases:
+        return []
+    try:
+        missing = mailboxes_without_provider(using)
+    except DatabaseError:
+        return []  # not migrated yet: there are no mailboxes to check
+    return [
+        Warning(
+            f"{len(emails)} mailbox(es) use the provider {provider_id!r}, which is not in "
+            f"XOAUTH2_MAIL['PROVIDERS']: {_some(emails)} cannot send.",
+            hint=f"Add {provider_id!r} to XOAUTH2_MAIL['PROVIDERS'] (was it misspelt?), or "
+            "connect these mailboxes again with a configured provider.",
+            id="xoauth2_mail.W023",
+        )
+        for provider_id, emails in sorted(missing.items())
+    ]
+
+
+def _some(items: list[str], shown: int = 5) -> str:
+    return ", ".join(items[:shown]) + (" ..." if len(items) > shown else "")

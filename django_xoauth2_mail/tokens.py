@@ -142,7 +142,7 @@ def _refresh_under_row_lock(mailbox: Mailbox, rejected_token: str | None) -> _Ou
 
 @sensitive_variables()
 def _call_provider(mailbox: Mailbox) -> TokenResult:
-    provider = get_provider(mailbox.provider)
+    provider = get_provider(mailbox.provider, mailbox=mailbox.email)
     attempts = max(1, conf.TOKEN_REFRESH_ATTEMPTS)
     for attempt in range(attempts):
         try:

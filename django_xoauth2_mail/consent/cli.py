@@ -239,7 +239,7 @@ def check_smtp_login(mailbox: Mailbox) -> SMTPEndpoint:
     through the token layer and tried again. Raises SMTPAuthenticationFailed or
     SMTPConnectionFailed with the package's explanations.
     """
-    endpoint = get_provider(mailbox.provider).smtp_endpoint
+    endpoint = get_provider(mailbox.provider, mailbox=mailbox.email).smtp_endpoint
     token = tokens.get_access_token(mailbox)
     mailbox_pk = mailbox.pk
 

@@ -35,7 +35,7 @@ class Command(BaseCommand):
     def handle(self, *args: Any, **options: Any) -> None:
         with command_errors():
             mailbox = find_mailbox(options["address"])
-            endpoint = get_provider(mailbox.provider).smtp_endpoint
+            endpoint = get_provider(mailbox.provider, mailbox=mailbox.email).smtp_endpoint
         recipients = options["recipients"] or [mailbox.email]
         body = (
             f"This message was sent from {mailbox.email} by `manage.py send_test_email` at "
