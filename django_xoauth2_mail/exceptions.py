@@ -47,13 +47,12 @@ class InvalidMessage(XOAuth2MailError, ValueError):
 class MailboxReconnectRequired(XOAuth2MailError):
     """The provider refused the stored grant for good: a person must consent again."""
 
-    def __init__(self, mailbox: str, detail: str = "") -> None:
+    def __init__(self, mailbox: str, detail: str = "", *, provider: str | None = None) -> None:
         reason = f" The provider said: {detail.rstrip('.')}." if detail else ""
         super().__init__(
             f"The mailbox {mailbox} must be reconnected: its OAuth2 consent was revoked "
-            f"or has expired.{reason} Fix it with `python manage.py connect_mailbox "
-            f"<provider> --email {mailbox}` or with the Reconnect button in the Django admin "
-            "(XOAUTH2 mail > Mailboxes).",
+            f"or has expired.{reason} Fix it with `{connect_command(mailbox, provider)}` or "
+            "with the Reconnect button in the Django admin (XOAUTH2 mail > Mailboxes).",
             mailbox=mailbox,
         )
         self.detail = detail
@@ -62,13 +61,18 @@ class MailboxReconnectRequired(XOAuth2MailError):
 class MailboxDisconnected(XOAuth2MailError):
     """The mailbox was disconnected on purpose (its tokens were wiped)."""
 
-    def __init__(self, mailbox: str) -> None:
+    def __init__(self, mailbox: str, *, provider: str | None = None) -> None:
         super().__init__(
             f"The mailbox {mailbox} is disconnected. Connect it again with "
-            f"`python manage.py connect_mailbox <provider> --email {mailbox}` or in the "
-            "Django admin before sending from it.",
+            f"`{connect_command(mailbox, provider)}` or in the Django admin before sending "
+            "from it.",
             mailbox=mailbox,
         )
+
+
+def connect_command(mailbox: str, provider: str | None) -> str:
+    """The exact command that (re)connects ``mailbox``, as a person would type it."""
+    return f"python manage.py connect_mailbox {provider or '<provider>'} --email {mailbox}"
 
 
 class TokenRefreshError(XOAuth2MailError):

@@ -50,9 +50,9 @@ def _thread_lock(mailbox_pk: int) -> threading.Lock:
 def ensure_sendable(mailbox: Mailbox) -> None:
     """Fail fast, without a network call, for a mailbox that cannot send."""
     if mailbox.status == MailboxStatus.RECONNECT_REQUIRED:
-        raise MailboxReconnectRequired(mailbox.email, mailbox.last_error)
+        raise MailboxReconnectRequired(mailbox.email, mailbox.last_error, provider=mailbox.provider)
     if mailbox.status == MailboxStatus.DISCONNECTED:
-        raise MailboxDisconnected(mailbox.email)
+        raise MailboxDisconnected(mailbox.email, provider=mailbox.provider)
 
 
 @sensitive_variables()
@@ -92,7 +92,9 @@ class _Outcome:
             signals.mailbox_reconnect_required.send(
                 sender=Mailbox, mailbox=mailbox, error=self.revoked_detail
             )
-            raise MailboxReconnectRequired(mailbox.email, self.revoked_detail)
+            raise MailboxReconnectRequired(
+                mailbox.email, self.revoked_detail, provider=mailbox.provider
+            )
         if self.error is not None:
             raise self.error
         ensure_sendable(mailbox)
