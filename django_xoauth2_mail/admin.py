@@ -28,6 +28,7 @@ from django_xoauth2_mail import tokens, views
 from django_xoauth2_mail.backends import EmailBackend
 from django_xoauth2_mail.exceptions import XOAuth2MailError
 from django_xoauth2_mail.models import Mailbox, MailboxStatus
+from django_xoauth2_mail.setup_checks import sending_problems
 
 TOKEN_FIELDS = ("refresh_token", "access_token", "token_version")
 SHOWN_FIELDS = (
@@ -103,7 +104,12 @@ class MailboxAdmin(_ModelAdmin):
     def changelist_view(
         self, request: HttpRequest, extra_context: dict[str, Any] | None = None
     ) -> HttpResponse:
-        extra = {"can_connect": self.has_change_permission(request), **(extra_context or {})}
+        extra = {
+            "can_connect": self.has_change_permission(request),
+            # Mail that no mailbox would send (SERVER_EMAIL, a provider not configured).
+            "sending_problems": sending_problems(),
+            **(extra_context or {}),
+        }
         return super().changelist_view(request, extra)
 
     def change_view(

@@ -11,10 +11,8 @@ from typing import Any
 from cryptography.fernet import Fernet
 from django.conf import settings
 from django.core.checks import CheckMessage, Error, Tags, Warning, register
-from django.db import DatabaseError, router
 
-from django_xoauth2_mail.conf import DEFAULTS, PROVIDER_IDS, SMTP_SECURITY_MODES, conf
-from django_xoauth2_mail.models import Mailbox
+from django_xoauth2_mail.conf import DEFAULTS, PROVIDER_IDS, SMTP_SECURITY_MODES
 from django_xoauth2_mail.providers import PROVIDER_SETTINGS
 from django_xoauth2_mail.providers.base import is_loopback
 
@@ -249,40 +247,3 @@ def _keys_of_other_providers(provider_id: str, values: Mapping[str, Any]) -> lis
             )
         )
     return messages
-
-
-def mailboxes_without_provider(using: str | None = None) -> dict[str, list[str]]:
-    """Provider id -> addresses of the mailboxes that use it while it is missing from
-    ``XOAUTH2_MAIL["PROVIDERS"]`` (such a mailbox cannot send, nor refresh its token)."""
-    rows = Mailbox.objects.using(using).exclude(provider__in=list(conf.PROVIDERS))
-    missing: dict[str, list[str]] = {}
-    for provider_id, email in rows.order_by("email").values_list("provider", "email"):
-        missing.setdefault(provider_id, []).append(email)
-    return missing
-
-
-@register(Tags.database)
-def check_mailbox_providers(databases: Any = None, **kwargs: Any) -> list[CheckMessage]:
-    """Mailboxes whose provider is not configured. A database check: it runs in
-    ``migrate`` and ``check --database default``, not in a plain ``check``."""
-    using = router.db_for_read(Mailbox)
-    if not databases or using not in databases:
-        return []
-    try:
-        missing = mailboxes_without_provider(using)
-    except DatabaseError:
-        return []  # not migrated yet: there are no mailboxes to check
-    return [
-        Warning(
-            f"{len(emails)} mailbox(es) use the provider {provider_id!r}, which is not in "
-            f"XOAUTH2_MAIL['PROVIDERS']: {_some(emails)} cannot send.",
-            hint=f"Add {provider_id!r} to XOAUTH2_MAIL['PROVIDERS'] (was it misspelt?), or "
-            "connect these mailboxes again with a configured provider.",
-            id="xoauth2_mail.W023",
-        )
-        for provider_id, emails in sorted(missing.items())
-    ]
-
-
-def _some(items: list[str], shown: int = 5) -> str:
-    return ", ".join(items[:shown]) + (" ..." if len(items) > shown else "")

@@ -13,6 +13,7 @@ from django.core.checks import run_checks
 from django_xoauth2_mail.checks import check_settings
 from django_xoauth2_mail.models import Mailbox
 from django_xoauth2_mail.providers import PROVIDER_CLASSES, PROVIDER_SETTINGS
+from django_xoauth2_mail.setup_checks import check_mailers, check_site_addresses
 
 DOCS = Path(__file__).resolve().parent.parent / "docs"
 
@@ -93,3 +94,73 @@ def test_w023_mailboxes_whose_provider_is_not_configured(settings):
     )
     settings.XOAUTH2_MAIL = {"PROVIDERS": {"oauth2": {}}}
     assert not [m for m in run_checks(databases=["default"]) if m.id == "xoauth2_mail.W023"]
+
+
+# W021, W022: Django's default sending addresses, no fallback mailbox (item 1) -------------
+
+OUR_BACKEND = "django_xoauth2_mail.backends.EmailBackend"
+
+
+def site_ids(settings: Any) -> list[str]:
+    return sorted(str(m.id) for m in check_site_addresses())
+
+
+def test_w021_w022_django_default_addresses(settings):
+    settings.EMAIL_BACKEND = OUR_BACKEND
+    settings.XOAUTH2_MAIL = {"PROVIDERS": {"dev": {}}}
+    settings.SERVER_EMAIL, settings.DEFAULT_FROM_EMAIL = "root@localhost", "webmaster@localhost"
+    found = {str(m.id): m for m in check_site_addresses()}
+    assert sorted(found) == ["xoauth2_mail.W021", "xoauth2_mail.W022"]
+    assert found["xoauth2_mail.W021"].msg == (
+        "SERVER_EMAIL is Django's default, 'root@localhost': mail_admins(), mail_managers() "
+        "and error reports are sent from it, and no mailbox can send as that address."
+    )
+    assert "password-reset email" in found["xoauth2_mail.W022"].msg
+    assert 'DEFAULT_FROM_EMAIL = "noreply@example.com"' in str(found["xoauth2_mail.W022"].hint)
+    assert "xoauth2_mail.W021" in [m.id for m in run_checks()]  # registered
+
+    settings.SERVER_EMAIL = "noreply@example.com"
+    assert site_ids(settings) == ["xoauth2_mail.W022"]
+
+
+def test_w021_w022_not_with_a_fallback_mailbox_or_another_backend(settings):
+    settings.SERVER_EMAIL, settings.DEFAULT_FROM_EMAIL = "root@localhost", "webmaster@localhost"
+    settings.EMAIL_BACKEND = OUR_BACKEND
+    settings.XOAUTH2_MAIL = {"DEFAULT_MAILBOX": "noreply@example.com"}
+    assert site_ids(settings) == []
+    settings.XOAUTH2_MAIL = {}
+    settings.MAILERS = {
+        "default": {"BACKEND": OUR_BACKEND, "OPTIONS": {"mailbox": "noreply@example.com"}}
+    }
+    assert site_ids(settings) == []
+    settings.EMAIL_BACKEND = "django.core.mail.backends.smtp.EmailBackend"
+    settings.MAILERS = {"default": {"BACKEND": "django.core.mail.backends.smtp.EmailBackend"}}
+    assert site_ids(settings) == []
+
+
+# E020, E021: MAILERS options (item 5) ------------------------------------------------------
+
+
+def test_e020_an_unknown_option_of_our_mailer(settings):
+    settings.MAILERS = {
+        "default": {"BACKEND": OUR_BACKEND, "OPTIONS": {"mail_box": "noreply@example.com"}},
+        "other": {"BACKEND": "django.core.mail.backends.locmem.EmailBackend", "OPTIONS": {"x": 1}},
+        "bulk": {"BACKEND": OUR_BACKEND, "OPTIONS": {"mailbox": "bulk@example.com"}},
+    }
+    found = check_mailers()
+    assert [(m.id, m.msg) for m in found] == [
+        (
+            "xoauth2_mail.E020",
+            "MAILERS['default']['OPTIONS'] has 'mail_box', which EmailBackend does not take: "
+            "the first send through 'default' would fail.",
+        )
+    ]
+    assert found[0].hint == (
+        "Its options: fail_silently, keep_alive, mailbox, max_connections, rate_limit, timeout."
+    )
+    assert "xoauth2_mail.E020" in [m.id for m in run_checks()]
+
+
+def test_e021_a_backend_path_that_does_not_exist(settings):
+    settings.MAILERS = {"default": {"BACKEND": "django_xoauth2_mail.backends.EmailBackends"}}
+    assert [m.id for m in check_mailers()] == ["xoauth2_mail.E021"]
