@@ -6,7 +6,9 @@ import io
 
 import pytest
 from django.core.management import call_command
+from django.core.management.base import CommandError
 
+from django_xoauth2_mail.management.commands.connect_mailbox import Command as ConnectMailbox
 from django_xoauth2_mail.models import Mailbox, MailboxStatus
 from tests.conftest import SENDER, make_mailbox
 
@@ -53,3 +55,31 @@ def test_list_mailboxes_accepts_the_fallback_mailbox(
     oauth2_settings["DEFAULT_MAILBOX"] = SENDER
     make_mailbox(oauth2_server, fresh=True)
     assert command_output("list_mailboxes")[1] == ""
+
+
+# connect_mailbox for a provider that is not configured (item 4) ---------------------------
+
+
+def test_connect_mailbox_for_a_provider_not_configured_shows_the_settings(settings):
+    settings.XOAUTH2_MAIL = {"PROVIDERS": {"dev": {}}}
+    with pytest.raises(CommandError) as caught:
+        call_command("connect_mailbox", "google", "--no-browser")
+    message = str(caught.value)
+    assert message.startswith(
+        "The provider 'google' is not in XOAUTH2_MAIL['PROVIDERS'] (configured: dev). Add it "
+        'to your settings, e.g. XOAUTH2_MAIL = {"PROVIDERS": {"google": {"CLIENT_ID": "...", '
+        '"CLIENT_SECRET": "..."}}}'
+    )
+    assert "CLIENT_ID" in message and "has no CLIENT_ID" not in message
+    assert not Mailbox.objects.exists()
+
+
+def test_connect_mailbox_help_lists_the_configured_providers_first(settings):
+    settings.XOAUTH2_MAIL = {"PROVIDERS": {"microsoft": {"CLIENT_ID": "x"}, "dev": {}}}
+    help_text = " ".join(ConnectMailbox().create_parser("manage.py", "connect_mailbox")
+                         .format_help().split())  # fmt: skip
+    assert "{microsoft,dev,google,oauth2}" in help_text
+    assert (
+        "Configured in XOAUTH2_MAIL['PROVIDERS']: microsoft, dev; google, oauth2 must be "
+        "added there first." in help_text
+    )

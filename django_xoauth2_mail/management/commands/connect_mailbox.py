@@ -24,7 +24,7 @@ from django_xoauth2_mail.consent.device_flow import consent_by_device
 from django_xoauth2_mail.consent.flows import ConsentError, resolve_email, save_consent
 from django_xoauth2_mail.exceptions import XOAuth2MailError
 from django_xoauth2_mail.models import Mailbox, MailboxStatus, normalize_address
-from django_xoauth2_mail.providers import get_provider
+from django_xoauth2_mail.providers import configured_provider_ids, get_provider
 from django_xoauth2_mail.providers.base import ConsentResult, Provider
 from django_xoauth2_mail.tokens import get_access_token
 
@@ -44,7 +44,16 @@ class Command(BaseCommand):
     stealth_options = ("stdin",)  # call_command(..., stdin=...) for the paste flow
 
     def add_arguments(self, parser: ArgumentParser) -> None:
-        parser.add_argument("provider", choices=PROVIDER_IDS, help="The provider id.")
+        # Configured providers first: they are the ones that can work now.
+        configured = configured_provider_ids()
+        others = [provider_id for provider_id in PROVIDER_IDS if provider_id not in configured]
+        parser.add_argument(
+            "provider",
+            choices=[*configured, *others],
+            help="The provider id. Configured in XOAUTH2_MAIL['PROVIDERS']: "
+            f"{', '.join(configured) or 'none yet'}"
+            + (f"; {', '.join(others)} must be added there first." if others else "."),
+        )
         parser.add_argument(
             "--email",
             metavar="ADDRESS",
