@@ -30,7 +30,7 @@ from django_xoauth2_mail.exceptions import (
     XOAuth2MailError,
 )
 from django_xoauth2_mail.models import Mailbox, MailboxStatus
-from django_xoauth2_mail.providers import get_provider
+from django_xoauth2_mail.providers import get_provider, get_provider_class
 from django_xoauth2_mail.providers.base import GrantRevoked, TokenEndpointError, TokenResult
 
 logger = logging.getLogger(__name__)
@@ -129,10 +129,11 @@ def _refresh_under_row_lock(mailbox: Mailbox, rejected_token: str | None) -> _Ou
             _copy_token_state(locked, mailbox)
             return _Outcome(revoked_detail=str(exc))
         except TokenEndpointError as exc:
+            hint = _unreachable_hint(mailbox) if exc.retryable else ""
             error = TokenRefreshError(
                 f"Could not refresh the access token of {mailbox.email}: {exc}. "
                 "Nothing was sent; try again later, and check the provider's settings "
-                "if it persists.",
+                f"if it persists.{hint}",
                 mailbox=mailbox.email,
             )
             _record_error(locked, str(error))
@@ -140,6 +141,11 @@ def _refresh_under_row_lock(mailbox: Mailbox, rejected_token: str | None) -> _Ou
         _save_token(locked, result)
         _copy_token_state(locked, mailbox)
         return _Outcome(refreshed=True, rotated=result.refresh_token is not None)
+
+
+def _unreachable_hint(mailbox: Mailbox) -> str:
+    hint = get_provider_class(mailbox.provider).unreachable_hint
+    return f" {hint}" if hint else ""
 
 
 @sensitive_variables()

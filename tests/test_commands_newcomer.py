@@ -3,11 +3,15 @@
 from __future__ import annotations
 
 import io
+import socket
+from typing import Any
 
 import pytest
+from django.core import mail
 from django.core.management import call_command
 from django.core.management.base import CommandError
 
+from django_xoauth2_mail.exceptions import TokenRefreshError
 from django_xoauth2_mail.management.commands.connect_mailbox import Command as ConnectMailbox
 from django_xoauth2_mail.models import Mailbox, MailboxStatus
 from tests.conftest import SENDER, make_mailbox
@@ -83,3 +87,65 @@ def test_connect_mailbox_help_lists_the_configured_providers_first(settings):
         "Configured in XOAUTH2_MAIL['PROVIDERS']: microsoft, dev; google, oauth2 must be "
         "added there first." in help_text
     )
+
+
+# The development server not running (item 6) -----------------------------------------------
+
+DEVSERVER_HINT = "Is `python manage.py xoauth2_devserver` running?"
+
+
+def closed_port() -> int:
+    """A port of 127.0.0.1 where nothing listens (bound, then released)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+@pytest.fixture
+def devserver_down(settings: Any) -> str:
+    base_url = f"http://127.0.0.1:{closed_port()}"
+    settings.XOAUTH2_MAIL = {
+        "PROVIDERS": {"dev": {"BASE_URL": base_url, "SMTP_PORT": closed_port()}},
+        "TOKEN_REFRESH_ATTEMPTS": 1,
+        "HTTP_TIMEOUT": 5,
+    }
+    return base_url
+
+
+def test_connect_mailbox_dev_checks_the_server_before_printing_a_url(devserver_down):
+    stdout = io.StringIO()
+    with pytest.raises(CommandError) as caught:
+        call_command(
+            "connect_mailbox", "dev", "--no-browser", "--timeout", "3",
+            stdin=io.StringIO(""), stdout=stdout,
+        )  # fmt: skip
+    assert str(caught.value) == (
+        f"Cannot start the consent: the authorization server {devserver_down} could not be "
+        f"reached (ConnectionError). {DEVSERVER_HINT} Nothing was saved; check the network "
+        "and AUTHORIZATION_URL of the dev provider, then run the command again."
+    )
+    assert "http" not in stdout.getvalue()  # no URL that nobody can open
+
+
+def test_connect_mailbox_dev_device_names_the_devserver(devserver_down):
+    with pytest.raises(CommandError) as caught:
+        call_command("connect_mailbox", "dev", "--device", "--timeout", "3")
+    assert str(caught.value).endswith(f"or connect with --loopback. {DEVSERVER_HINT}")
+
+
+def test_sending_through_the_dev_provider_names_the_devserver(
+    devserver_down, real_backend, oauth2_server
+):
+    mailbox = make_mailbox(oauth2_server, "demo@example.com")
+    Mailbox.objects.filter(pk=mailbox.pk).update(provider="dev")
+    with pytest.raises(TokenRefreshError) as caught:
+        mail.send_mail("Hi", "Body", "demo@example.com", ["to@example.com"])
+    assert str(caught.value).endswith(f"if it persists. {DEVSERVER_HINT}")
+
+
+def test_send_test_email_names_the_devserver_when_smtp_is_down(devserver_down, oauth2_server):
+    mailbox = make_mailbox(oauth2_server, "demo@example.com", fresh=True)
+    Mailbox.objects.filter(pk=mailbox.pk).update(provider="dev")
+    with pytest.raises(CommandError) as caught:
+        call_command("send_test_email", "demo@example.com")
+    assert str(caught.value).endswith(DEVSERVER_HINT)

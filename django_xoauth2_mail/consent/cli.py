@@ -40,15 +40,16 @@ from django_xoauth2_mail.consent.loopback import (
     LoopbackServer,
     start_paste_reader,
 )
-from django_xoauth2_mail.exceptions import MailboxNotFound, XOAuth2MailError
+from django_xoauth2_mail.exceptions import MailboxNotFound, SMTPConnectionFailed, XOAuth2MailError
 from django_xoauth2_mail.models import Mailbox, normalize_address
-from django_xoauth2_mail.providers import get_provider
+from django_xoauth2_mail.providers import get_provider, get_provider_class
 from django_xoauth2_mail.providers.base import (
     ConsentResult,
     GrantRevoked,
     Provider,
     SMTPEndpoint,
     TokenEndpointError,
+    check_reachable,
 )
 from django_xoauth2_mail.sending.loop import mail_loop, run_orm
 from django_xoauth2_mail.sending.session import SMTPSession
@@ -72,6 +73,21 @@ def find_mailbox(address: str) -> Mailbox:
             "connects it."
         )
     return mailbox
+
+
+def as_sentence(error: Exception) -> str:
+    """An error's text ending like a sentence, for a message that goes on after it."""
+    text = str(error).rstrip()
+    return text if text.endswith((".", "?", "!")) else f"{text}."
+
+
+def unreachable_hint(mailbox: Mailbox, error: Exception) -> str:
+    """The provider's likely cause of an SMTP server that could not be reached (e.g. the
+    development server not running), followed by a space; else nothing."""
+    if not isinstance(error, SMTPConnectionFailed):
+        return ""
+    hint = get_provider_class(mailbox.provider).unreachable_hint
+    return f"{hint} " if hint else ""
 
 
 # The loopback flow ----------------------------------------------------------------
@@ -133,6 +149,14 @@ def authorization_url(
             f"The {provider.id} provider has no authorization URL to open. Set "
             f"AUTHORIZATION_URL in XOAUTH2_MAIL['PROVIDERS'][{provider.id!r}] and try again."
         )
+    try:
+        check_reachable(url, hint=provider.unreachable_hint)
+    except TokenEndpointError as exc:
+        raise ConsentError(
+            f"Cannot start the consent: {as_sentence(exc)} Nothing was saved; check "
+            f"the network and AUTHORIZATION_URL of the {provider.id} provider, then run the "
+            "command again."
+        ) from None
     return url
 
 

@@ -19,6 +19,7 @@ from django_xoauth2_mail.consent.cli import (
     consent_by_loopback,
     describe_expiry,
     describe_moment,
+    unreachable_hint,
 )
 from django_xoauth2_mail.consent.device_flow import consent_by_device
 from django_xoauth2_mail.consent.flows import ConsentError, resolve_email, save_consent
@@ -246,9 +247,10 @@ class Command(BaseCommand):
         except XOAuth2MailError as exc:
             _record_error(mailbox, str(exc))
             raise CommandError(
-                f"{mailbox.email} is saved, but the SMTP login check failed: {exc} When that "
-                f"is fixed, `python manage.py send_test_email {mailbox.email}` checks again "
-                "(connect_mailbox --no-verify skips this check)."
+                f"{mailbox.email} is saved, but the SMTP login check failed: {exc} "
+                f"{unreachable_hint(mailbox, exc)}When that is fixed, `python manage.py "
+                f"send_test_email {mailbox.email}` checks again (connect_mailbox --no-verify "
+                "skips this check)."
             ) from None
         self.say(f"  SMTP login to {endpoint.host}:{endpoint.port} OK (XOAUTH2).")
 

@@ -10,7 +10,12 @@ from django.core.management.base import BaseCommand, CommandError
 from django.utils import timezone
 
 from django_xoauth2_mail.backends import EmailBackend
-from django_xoauth2_mail.consent.cli import command_errors, describe_moment, find_mailbox
+from django_xoauth2_mail.consent.cli import (
+    command_errors,
+    describe_moment,
+    find_mailbox,
+    unreachable_hint,
+)
 from django_xoauth2_mail.exceptions import XOAuth2MailError
 from django_xoauth2_mail.providers import get_provider
 
@@ -49,7 +54,8 @@ class Command(BaseCommand):
         try:
             message.send()
         except XOAuth2MailError as exc:
-            raise CommandError(f"The test message was not sent: {exc}") from None
+            hint = unreachable_hint(mailbox, exc)
+            raise CommandError(f"The test message was not sent: {exc} {hint}".rstrip()) from None
         self.stdout.write(
             self.style.SUCCESS(
                 f"Sent a test message from {mailbox.email} to {', '.join(recipients)} through "
