@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import io
+import re
 import socket
+from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -14,6 +16,7 @@ from django.core.management.base import CommandError
 from django_xoauth2_mail.exceptions import TokenRefreshError
 from django_xoauth2_mail.management.commands.connect_mailbox import Command as ConnectMailbox
 from django_xoauth2_mail.models import Mailbox, MailboxStatus
+from django_xoauth2_mail.testing import OAuth2Server
 from tests.conftest import SENDER, make_mailbox
 
 pytestmark = pytest.mark.usefixtures("transactional_db")
@@ -149,3 +152,57 @@ def test_send_test_email_names_the_devserver_when_smtp_is_down(devserver_down, o
     with pytest.raises(CommandError) as caught:
         call_command("send_test_email", "demo@example.com")
     assert str(caught.value).endswith(DEVSERVER_HINT)
+
+
+# connect_mailbox microsoft --loopback: an authority that cannot be used (item 7) -----------
+
+
+@pytest.fixture
+def microsoft_authority(settings: Any, tls_certificate: tuple[str, str]) -> Iterator[Any]:
+    """The dev OAuth2 server on HTTPS as Microsoft's sign-in service; each test breaks
+    the settings its own way, and the real msal reads them."""
+    certfile, keyfile = tls_certificate
+    with OAuth2Server(certfile=certfile, keyfile=keyfile) as server:
+        settings.XOAUTH2_MAIL = {
+            "PROVIDERS": {
+                "microsoft": {
+                    "CLIENT_ID": "public-client",
+                    "AUTHORITY_HOST": server.base_url,
+                    "HTTP_CA_FILE": certfile,
+                }
+            },
+            "HTTP_TIMEOUT": 5,
+        }
+        yield server, settings.XOAUTH2_MAIL["PROVIDERS"]["microsoft"]
+
+
+@pytest.mark.parametrize("flags", [["--loopback"], ["--loopback", "--no-browser"]])
+@pytest.mark.parametrize(
+    ("problem", "expected"),
+    [
+        ("unreachable", r"could not be reached \(ConnectionError\)"),
+        ("untrusted", r"The TLS certificate of Microsoft's sign-in service .+ is not trusted"),
+        ("wrong tenant", r"cannot be used \(.+\); check the TENANT and AUTHORITY_HOST settings"),
+    ],
+)
+def test_microsoft_loopback_authority_problems_are_one_line(
+    microsoft_authority, problem, expected, flags
+):
+    server, values = microsoft_authority
+    if problem == "unreachable":
+        values["AUTHORITY_HOST"] = f"https://127.0.0.1:{closed_port()}"
+    elif problem == "untrusted":
+        del values["HTTP_CA_FILE"]
+    else:  # Microsoft answers an unknown tenant's discovery document with a 4xx
+        values["AUTHORITY_HOST"] = f"{server.base_url}/no-such-prefix"
+    stdout = io.StringIO()
+    with pytest.raises(CommandError) as caught:
+        call_command(
+            "connect_mailbox", "microsoft", *flags, "--timeout", "5",
+            stdin=io.StringIO(""), stdout=stdout,
+        )  # fmt: skip
+    message = str(caught.value)
+    assert message.startswith("Microsoft did not start the sign-in (")
+    assert re.search(expected, message), message
+    assert message.endswith("Nothing was saved; fix that and run the command again.")
+    assert "\n" not in message and stdout.getvalue() == ""

@@ -140,9 +140,16 @@ def consent_by_loopback(
 def authorization_url(
     provider: Provider, redirect_uri: str, state: str, challenge: str, email: str | None
 ) -> str:
-    url = provider.authorization_url(
-        redirect_uri=redirect_uri, state=state, code_challenge=challenge, login_hint=email
-    )
+    try:
+        # Microsoft's adapter reads the tenant's discovery document first (msal).
+        url = provider.authorization_url(
+            redirect_uri=redirect_uri, state=state, code_challenge=challenge, login_hint=email
+        )
+    except (GrantRevoked, TokenEndpointError) as exc:
+        raise ConsentError(
+            f"{provider.name} did not start the sign-in ({as_clause(exc)}). Nothing was "
+            "saved; fix that and run the command again."
+        ) from None
     parts = urlsplit(url)
     if parts.scheme not in ("http", "https") or not parts.netloc:
         raise ConsentError(
