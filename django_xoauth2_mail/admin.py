@@ -17,6 +17,7 @@ from django.db.models import QuerySet
 from django.http import HttpRequest, HttpResponse
 from django.template.response import TemplateResponse
 from django.urls import URLPattern, path
+from django.utils import timezone
 from django.utils.formats import date_format
 from django.utils.html import format_html
 from django.utils.safestring import SafeString
@@ -26,6 +27,7 @@ from django.utils.translation import gettext_lazy
 
 from django_xoauth2_mail import tokens, views
 from django_xoauth2_mail.backends import EmailBackend
+from django_xoauth2_mail.consent.cli import last_error_is_past
 from django_xoauth2_mail.exceptions import XOAuth2MailError
 from django_xoauth2_mail.models import Mailbox, MailboxStatus
 from django_xoauth2_mail.setup_checks import sending_problems
@@ -51,6 +53,8 @@ STATUS_COLOURS: dict[str, tuple[str, str]] = {
     MailboxStatus.DISCONNECTED: ("#616161", "#ffffff"),
 }
 TEMPLATES = "admin/django_xoauth2_mail/mailbox"
+# The change list's error column, shortened (the title attribute has it all).
+LAST_ERROR_CHARS = 80
 
 
 if TYPE_CHECKING:
@@ -151,7 +155,15 @@ class MailboxAdmin(_ModelAdmin):
     def last_error_short(self, mailbox: Mailbox) -> str:
         if not mailbox.last_error:
             return ""
-        short = Truncator(mailbox.last_error).chars(80)
+        short = Truncator(mailbox.last_error).chars(LAST_ERROR_CHARS)
+        if mailbox.last_error_at is not None and last_error_is_past(mailbox):
+            # A refresh or send succeeded since: history, shown as such with its time.
+            when = date_format(timezone.localtime(mailbox.last_error_at), "DATETIME_FORMAT")
+            return format_html(
+                '<span class="xoauth2-past-error" title="{}" style="opacity:.65">{}</span>',
+                mailbox.last_error,
+                _("Earlier (%(when)s): %(error)s") % {"when": when, "error": short},
+            )
         return format_html('<span title="{}">{}</span>', mailbox.last_error, short)
 
     # Actions ------------------------------------------------------------------

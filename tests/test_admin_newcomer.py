@@ -3,27 +3,35 @@ mailboxes, messages read right, and the Connect page speaks of the providers con
 
 from __future__ import annotations
 
+import datetime as dt
 import html
 
 import pytest
+from django.utils import timezone
 
 from django_xoauth2_mail.models import Mailbox
+from tests import test_admin
 from tests.conftest import SENDER, make_mailbox
-from tests.test_admin import (  # noqa: F401 (fixtures)
-    CHANGELIST,
-    provider_settings,
-    staff,
-    staff_client,
-)
+from tests.test_admin import CHANGELIST
+
+# The admin tests' fixtures: the oauth2 provider as a site sets it up, a staff client.
+provider_settings = test_admin.provider_settings
+staff = test_admin.staff
+staff_client = test_admin.staff_client
 
 pytestmark = pytest.mark.django_db(transaction=True)
+
+
+def row_of(body: str, address: str) -> str:
+    """The change list's table row of ``address``."""
+    return next(row.split("</tr>")[0] for row in body.split("<tr")[1:] if address in row)
 
 
 def page_text(response) -> str:
     return html.unescape(response.content.decode())
 
 
-def test_change_list_names_mail_that_no_mailbox_sends(staff_client, settings, oauth2_server):  # noqa: F811
+def test_change_list_names_mail_that_no_mailbox_sends(staff_client, settings, oauth2_server):
     settings.SERVER_EMAIL = "root@localhost"
     settings.DEFAULT_FROM_EMAIL = SENDER
     make_mailbox(oauth2_server, fresh=True)
@@ -41,3 +49,21 @@ def test_change_list_names_mail_that_no_mailbox_sends(staff_client, settings, oa
     settings.SERVER_EMAIL = SENDER
     Mailbox.objects.filter(email="old@example.com").delete()
     assert "xoauth2-sending-problems" not in staff_client.get(CHANGELIST).content.decode()
+
+
+def test_an_error_before_a_later_success_is_shown_as_earlier(staff_client, oauth2_server):
+    now = timezone.now()
+    current = make_mailbox(oauth2_server, "current@example.com")
+    past = make_mailbox(oauth2_server, "past@example.com")
+    Mailbox.objects.filter(pk__in=[current.pk, past.pk]).update(
+        last_error="Could not refresh the access token: timeout.",
+        last_error_at=now - dt.timedelta(minutes=10),
+    )
+    Mailbox.objects.filter(pk=past.pk).update(last_sent_at=now)
+
+    body = staff_client.get(CHANGELIST).content.decode()
+
+    past_row, current_row = row_of(body, "past@example.com"), row_of(body, "current@example.com")
+    assert 'class="xoauth2-past-error"' in past_row and "Earlier (" in past_row
+    assert "xoauth2-past-error" not in current_row
+    assert "Could not refresh the access token: timeout." in current_row

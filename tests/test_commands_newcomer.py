@@ -206,3 +206,25 @@ def test_microsoft_loopback_authority_problems_are_one_line(
     assert re.search(expected, message), message
     assert message.endswith("Nothing was saved; fix that and run the command again.")
     assert "\n" not in message and stdout.getvalue() == ""
+
+
+# LAST ERROR after the mailbox recovered (item 8) -------------------------------------------
+
+
+def test_an_error_followed_by_a_success_is_shown_as_past(
+    real_backend, oauth2_settings, oauth2_server, xoauth2_smtp_server
+):
+    mailbox = make_mailbox(oauth2_server)
+    oauth2_server.fail_next_token_requests(2, status=503)  # both attempts of one refresh
+    with pytest.raises(TokenRefreshError):
+        mail.send_mail("Hi", "Body", SENDER, ["to@example.com"])
+    row = command_output("list_mailboxes")[0].splitlines()[2]
+    assert "Could not refresh the access token" in row and "earlier:" not in row
+
+    assert mail.send_mail("Hi", "Body", SENDER, ["to@example.com"]) == 1  # recovered
+
+    row = command_output("list_mailboxes")[0].splitlines()[2]
+    assert "Connected" in row
+    assert "earlier: Could not refresh the access token" in row
+    mailbox.refresh_from_db()
+    assert mailbox.last_error.startswith("Could not refresh")  # kept, with its time

@@ -310,6 +310,15 @@ def describe_moment(moment: dt.datetime | None) -> str:
     return timezone.localtime(moment).strftime("%Y-%m-%d %H:%M %Z")
 
 
+def last_error_is_past(mailbox: Mailbox) -> bool:
+    """True when a token refresh or a send succeeded after the last error was recorded:
+    the error is history, not the mailbox's state (which its status tells)."""
+    if not mailbox.last_error or mailbox.last_error_at is None:
+        return False
+    successes = (mailbox.last_refreshed_at, mailbox.last_sent_at)
+    return any(moment is not None and moment > mailbox.last_error_at for moment in successes)
+
+
 def describe_expiry(moment: dt.datetime | None) -> str:
     """``in 59 min`` or ``expired 2 h ago``; "-" for none."""
     if moment is None:

@@ -6,7 +6,12 @@ from typing import Any
 
 from django.core.management.base import BaseCommand
 
-from django_xoauth2_mail.consent.cli import describe_expiry, describe_moment, format_table
+from django_xoauth2_mail.consent.cli import (
+    describe_expiry,
+    describe_moment,
+    format_table,
+    last_error_is_past,
+)
 from django_xoauth2_mail.exceptions import connect_command
 from django_xoauth2_mail.models import Mailbox, MailboxStatus
 from django_xoauth2_mail.setup_checks import sending_problems
@@ -50,6 +55,8 @@ def _row(mailbox: Mailbox) -> list[str]:
     if len(error) > ERROR_WIDTH:
         error = error[: ERROR_WIDTH - 3] + "..."
     when = f" ({describe_moment(mailbox.last_error_at)})" if error else ""
+    if error and last_error_is_past(mailbox):
+        error = f"earlier: {error}"  # a refresh or send succeeded since
     return [
         mailbox.email,
         mailbox.provider,
