@@ -7,6 +7,7 @@ no column, read-only field or message shows them, not even masked.
 
 from __future__ import annotations
 
+import datetime as dt
 import smtplib
 from typing import TYPE_CHECKING, Any
 
@@ -53,8 +54,10 @@ STATUS_COLOURS: dict[str, tuple[str, str]] = {
     MailboxStatus.DISCONNECTED: ("#616161", "#ffffff"),
 }
 TEMPLATES = "admin/django_xoauth2_mail/mailbox"
-# The change list's error column, shortened (the title attribute has it all).
-LAST_ERROR_CHARS = 80
+# The change list's error column, shortened (the title attribute has it all), and free
+# to break inside a long word (a URL) rather than widen the table past the screen.
+LAST_ERROR_CHARS = 60
+WRAP_ANYWHERE = "display:inline-block;min-width:9em;overflow-wrap:anywhere"
 
 
 if TYPE_CHECKING:
@@ -65,14 +68,14 @@ else:  # ModelAdmin is generic for django-stubs only, not at run time.
 
 @admin.register(Mailbox)
 class MailboxAdmin(_ModelAdmin):
+    # Narrow enough for a 1280 px screen with the admin's navigation sidebar open: the
+    # provider sits under the address, the last token refresh is on the mailbox's page.
     list_display = (
-        "email",
-        "provider",
+        "address",
         "status_badge",
-        "access_token_expires_at",
+        "token_expires",
         "last_error_short",
-        "last_sent_at",
-        "last_refreshed_at",
+        "last_send",
     )
     # Providers in use, not every known id: a site has one or two.
     list_filter = (("provider", admin.AllValuesFieldListFilter), "status")
@@ -135,6 +138,24 @@ class MailboxAdmin(_ModelAdmin):
 
     # Columns ------------------------------------------------------------------
 
+    @admin.display(description=gettext_lazy("address"), ordering="email")
+    def address(self, mailbox: Mailbox) -> SafeString:
+        return format_html(
+            '{}<br><span class="xoauth2-provider" style="color:var(--body-quiet-color)">{}</span>',
+            mailbox.email,
+            mailbox.provider,
+        )
+
+    # Times through these two rather than the fields: Django keeps a date-time field's
+    # cell on one line ("nowrap"), which widens the list past a 1280 px screen.
+    @admin.display(description=gettext_lazy("token expires"), ordering="access_token_expires_at")
+    def token_expires(self, mailbox: Mailbox) -> str:
+        return _moment(mailbox.access_token_expires_at)
+
+    @admin.display(description=gettext_lazy("last send"), ordering="last_sent_at")
+    def last_send(self, mailbox: Mailbox) -> str:
+        return _moment(mailbox.last_sent_at)
+
     @admin.display(description=gettext_lazy("status"), ordering="status")
     def status_badge(self, mailbox: Mailbox) -> SafeString:
         background, colour = STATUS_COLOURS.get(mailbox.status, ("#616161", "#ffffff"))
@@ -160,11 +181,14 @@ class MailboxAdmin(_ModelAdmin):
             # A refresh or send succeeded since: history, shown as such with its time.
             when = date_format(timezone.localtime(mailbox.last_error_at), "DATETIME_FORMAT")
             return format_html(
-                '<span class="xoauth2-past-error" title="{}" style="opacity:.65">{}</span>',
+                '<span class="xoauth2-past-error" title="{}" style="opacity:.65;{}">{}</span>',
                 mailbox.last_error,
+                WRAP_ANYWHERE,
                 _("Earlier (%(when)s): %(error)s") % {"when": when, "error": short},
             )
-        return format_html('<span title="{}">{}</span>', mailbox.last_error, short)
+        return format_html(
+            '<span title="{}" style="{}">{}</span>', mailbox.last_error, WRAP_ANYWHERE, short
+        )
 
     # Actions ------------------------------------------------------------------
 
@@ -222,12 +246,15 @@ class MailboxAdmin(_ModelAdmin):
                 self.message_user(request, str(exc), messages.ERROR)
                 continue
             expires = mailbox.access_token_expires_at
+            # The time in brackets: formats such as "2:24 a.m." end with a period.
             self.message_user(
                 request,
-                _("Refreshed the access token of %(email)s; the new one expires %(when)s.")
+                _("Refreshed the access token of %(email)s (the new one expires %(when)s).")
                 % {
                     "email": mailbox.email,
-                    "when": date_format(expires, "DATETIME_FORMAT") if expires else "?",
+                    "when": date_format(timezone.localtime(expires), "DATETIME_FORMAT")
+                    if expires
+                    else "?",
                 },
                 messages.SUCCESS,
             )
@@ -267,3 +294,7 @@ class MailboxAdmin(_ModelAdmin):
                 "settings at the provider."
             )
         self.message_user(request, text % {"email": mailbox.email}, messages.SUCCESS)
+
+
+def _moment(moment: dt.datetime | None) -> str:
+    return date_format(timezone.localtime(moment), "DATETIME_FORMAT") if moment else "-"
