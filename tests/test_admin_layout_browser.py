@@ -4,7 +4,6 @@ sees it (navigation sidebar open): nothing hides behind a horizontal scroll bar.
 from __future__ import annotations
 
 import datetime as dt
-import os
 import re
 from typing import Any
 
@@ -73,6 +72,4 @@ def test_admin_pages_fit_the_screen(live_server, browser_site, oauth2_server, wi
         for name, path in pages.items():
             page.goto(f"{live_server.url}{path}")
             overflows[name] = page.evaluate(OVERFLOW)
-            if os.environ.get("NC_DEBUG"):
-                page.screenshot(path=f"/tmp/nc-{width}-{name}.png", full_page=True)
     assert overflows == {name: [0, 0] for name in pages}
