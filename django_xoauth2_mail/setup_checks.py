@@ -10,6 +10,7 @@ import inspect
 from collections.abc import Mapping
 from typing import Any
 
+import django
 from django.conf import global_settings, settings
 from django.core.checks import CheckMessage, Error, Tags, Warning, register
 from django.db import DatabaseError, router
@@ -80,16 +81,18 @@ def _our_mailers() -> dict[str, Mapping[str, Any]]:
 
 def _our_backend_sends_by_default() -> bool:
     """True when Django's own mail (mail_admins, password reset) goes through this package:
-    the ``default`` mailer's backend (Django 6.1), or ``EMAIL_BACKEND`` (Django 6.1 refuses
-    both settings together)."""
-    backend = str(getattr(settings, "EMAIL_BACKEND", ""))
-    return "default" in _our_mailers() or backend.startswith(OUR_PACKAGE)
+    the ``default`` mailer's backend where Django reads MAILERS (6.1 and later, when set),
+    else ``EMAIL_BACKEND`` (which Django 6.1 deprecates: not read when MAILERS is set)."""
+    if django.VERSION >= (6, 1) and isinstance(getattr(settings, "MAILERS", None), Mapping):
+        return "default" in _our_mailers()
+    return str(getattr(settings, "EMAIL_BACKEND", "")).startswith(OUR_PACKAGE)
 
 
 def fallback_mailbox() -> str | None:
     """The mailbox Django's own mail (mail_admins, password reset) falls back on: the
     default mailer's ``mailbox`` option, else ``XOAUTH2_MAIL["DEFAULT_MAILBOX"]``."""
-    options = _our_mailers().get("default", {}).get("OPTIONS") or {}
+    mailers = _our_mailers() if django.VERSION >= (6, 1) else {}  # read by Django 6.1+
+    options = mailers.get("default", {}).get("OPTIONS") or {}
     mailbox = options.get("mailbox") if isinstance(options, Mapping) else None
     return str(mailbox) if mailbox else conf.DEFAULT_MAILBOX
 

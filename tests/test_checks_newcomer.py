@@ -7,6 +7,7 @@ import re
 from pathlib import Path
 from typing import Any
 
+import django
 import pytest
 from django.core.checks import run_checks
 
@@ -85,7 +86,7 @@ def test_w023_mailboxes_whose_provider_is_not_configured(settings):
     settings.XOAUTH2_MAIL = {"PROVIDERS": {"oauth_2": {}}}  # a typo of oauth2
     Mailbox.objects.create(email="a@example.com", provider="oauth2")
     Mailbox.objects.create(email="b@example.com", provider="oauth2")
-    assert [m.id for m in run_checks(tags=["database"])] == []  # plain `check`: no database
+    assert "xoauth2_mail.W023" not in [m.id for m in run_checks()]  # plain `check`: no database
     found = [m for m in run_checks(databases=["default"]) if str(m.id).startswith("xoauth2_mail.W")]
     assert [m.id for m in found] == ["xoauth2_mail.W023"]
     assert found[0].msg == (
@@ -105,8 +106,15 @@ def site_ids(settings: Any) -> list[str]:
     return sorted(str(m.id) for m in check_site_addresses())
 
 
+def use_our_backend(settings: Any) -> None:
+    if django.VERSION >= (6, 1):  # Django 6.1 refuses EMAIL_BACKEND next to MAILERS
+        settings.MAILERS = {"default": {"BACKEND": OUR_BACKEND}}
+    else:
+        settings.EMAIL_BACKEND = OUR_BACKEND
+
+
 def test_w021_w022_django_default_addresses(settings):
-    settings.EMAIL_BACKEND = OUR_BACKEND
+    use_our_backend(settings)
     settings.XOAUTH2_MAIL = {"PROVIDERS": {"dev": {}}}
     settings.SERVER_EMAIL, settings.DEFAULT_FROM_EMAIL = "root@localhost", "webmaster@localhost"
     found = {str(m.id): m for m in check_site_addresses()}
@@ -125,16 +133,18 @@ def test_w021_w022_django_default_addresses(settings):
 
 def test_w021_w022_not_with_a_fallback_mailbox_or_another_backend(settings):
     settings.SERVER_EMAIL, settings.DEFAULT_FROM_EMAIL = "root@localhost", "webmaster@localhost"
-    settings.EMAIL_BACKEND = OUR_BACKEND
+    use_our_backend(settings)
     settings.XOAUTH2_MAIL = {"DEFAULT_MAILBOX": "noreply@example.com"}
     assert site_ids(settings) == []
     settings.XOAUTH2_MAIL = {}
-    settings.MAILERS = {
-        "default": {"BACKEND": OUR_BACKEND, "OPTIONS": {"mailbox": "noreply@example.com"}}
-    }
-    assert site_ids(settings) == []
-    settings.EMAIL_BACKEND = "django.core.mail.backends.smtp.EmailBackend"
-    settings.MAILERS = {"default": {"BACKEND": "django.core.mail.backends.smtp.EmailBackend"}}
+    if django.VERSION >= (6, 1):
+        settings.MAILERS = {
+            "default": {"BACKEND": OUR_BACKEND, "OPTIONS": {"mailbox": "noreply@example.com"}}
+        }
+        assert site_ids(settings) == []
+        settings.MAILERS = {"default": {"BACKEND": "django.core.mail.backends.smtp.EmailBackend"}}
+    else:
+        settings.EMAIL_BACKEND = "django.core.mail.backends.smtp.EmailBackend"
     assert site_ids(settings) == []
 
 
