@@ -7,6 +7,7 @@ no column, read-only field or message shows them, not even masked.
 
 from __future__ import annotations
 
+import datetime as dt
 import smtplib
 from typing import TYPE_CHECKING, Any
 
@@ -18,6 +19,7 @@ from django.db.models.functions import Cast
 from django.http import HttpRequest, HttpResponse
 from django.template.response import TemplateResponse
 from django.urls import URLPattern, path
+from django.utils import timezone
 from django.utils.formats import date_format
 from django.utils.html import format_html
 from django.utils.safestring import SafeString
@@ -27,8 +29,10 @@ from django.utils.translation import gettext_lazy
 
 from django_xoauth2_mail import crypto, tokens, views
 from django_xoauth2_mail.backends import EmailBackend
+from django_xoauth2_mail.consent.cli import last_error_is_past
 from django_xoauth2_mail.exceptions import XOAuth2MailError
 from django_xoauth2_mail.models import Mailbox, MailboxStatus
+from django_xoauth2_mail.setup_checks import sending_problems
 
 TOKEN_FIELDS = ("refresh_token", "access_token", "token_version")
 SHOWN_FIELDS = (
@@ -64,6 +68,12 @@ def tokens_decryptable(mailbox: Mailbox) -> bool:
     )
 
 
+# The change list's error column, shortened (the title attribute has it all), and free
+# to break inside a long word (a URL) rather than widen the table past the screen.
+LAST_ERROR_CHARS = 60
+WRAP_ANYWHERE = "display:inline-block;min-width:9em;overflow-wrap:anywhere"
+
+
 if TYPE_CHECKING:
     _ModelAdmin = admin.ModelAdmin[Mailbox]
 else:  # ModelAdmin is generic for django-stubs only, not at run time.
@@ -72,14 +82,14 @@ else:  # ModelAdmin is generic for django-stubs only, not at run time.
 
 @admin.register(Mailbox)
 class MailboxAdmin(_ModelAdmin):
+    # Narrow enough for a 1280 px screen with the admin's navigation sidebar open: the
+    # provider sits under the address, the last token refresh is on the mailbox's page.
     list_display = (
-        "email",
-        "provider",
+        "address",
         "status_badge",
-        "access_token_expires_at",
+        "token_expires",
         "last_error_short",
-        "last_sent_at",
-        "last_refreshed_at",
+        "last_send",
     )
     # Providers in use, not every known id: a site has one or two.
     list_filter = (("provider", admin.AllValuesFieldListFilter), "status")
@@ -129,7 +139,12 @@ class MailboxAdmin(_ModelAdmin):
     def changelist_view(
         self, request: HttpRequest, extra_context: dict[str, Any] | None = None
     ) -> HttpResponse:
-        extra = {"can_connect": self.has_change_permission(request), **(extra_context or {})}
+        extra = {
+            "can_connect": self.has_change_permission(request),
+            # Mail that no mailbox would send (SERVER_EMAIL, a provider not configured).
+            "sending_problems": sending_problems(),
+            **(extra_context or {}),
+        }
         return super().changelist_view(request, extra)
 
     def change_view(
@@ -152,6 +167,24 @@ class MailboxAdmin(_ModelAdmin):
         return super().change_view(request, object_id, form_url, extra)
 
     # Columns ------------------------------------------------------------------
+
+    @admin.display(description=gettext_lazy("address"), ordering="email")
+    def address(self, mailbox: Mailbox) -> SafeString:
+        return format_html(
+            '{}<br><span class="xoauth2-provider" style="color:var(--body-quiet-color)">{}</span>',
+            mailbox.email,
+            mailbox.provider,
+        )
+
+    # Times through these two rather than the fields: Django keeps a date-time field's
+    # cell on one line ("nowrap"), which widens the list past a 1280 px screen.
+    @admin.display(description=gettext_lazy("token expires"), ordering="access_token_expires_at")
+    def token_expires(self, mailbox: Mailbox) -> str:
+        return _moment(mailbox.access_token_expires_at)
+
+    @admin.display(description=gettext_lazy("last send"), ordering="last_sent_at")
+    def last_send(self, mailbox: Mailbox) -> str:
+        return _moment(mailbox.last_sent_at)
 
     @admin.display(description=gettext_lazy("status"), ordering="status")
     def status_badge(self, mailbox: Mailbox) -> SafeString:
@@ -176,8 +209,19 @@ class MailboxAdmin(_ModelAdmin):
     def last_error_short(self, mailbox: Mailbox) -> str:
         if not mailbox.last_error:
             return ""
-        short = Truncator(mailbox.last_error).chars(80)
-        return format_html('<span title="{}">{}</span>', mailbox.last_error, short)
+        short = Truncator(mailbox.last_error).chars(LAST_ERROR_CHARS)
+        if mailbox.last_error_at is not None and last_error_is_past(mailbox):
+            # A refresh or send succeeded since: history, shown as such with its time.
+            when = date_format(timezone.localtime(mailbox.last_error_at), "DATETIME_FORMAT")
+            return format_html(
+                '<span class="xoauth2-past-error" title="{}" style="opacity:.65;{}">{}</span>',
+                mailbox.last_error,
+                WRAP_ANYWHERE,
+                _("Earlier (%(when)s): %(error)s") % {"when": when, "error": short},
+            )
+        return format_html(
+            '<span title="{}" style="{}">{}</span>', mailbox.last_error, WRAP_ANYWHERE, short
+        )
 
     # Actions ------------------------------------------------------------------
 
@@ -246,12 +290,15 @@ class MailboxAdmin(_ModelAdmin):
                 self.message_user(request, str(exc), messages.ERROR)
                 continue
             expires = mailbox.access_token_expires_at
+            # The time in brackets: formats such as "2:24 a.m." end with a period.
             self.message_user(
                 request,
-                _("Refreshed the access token of %(email)s; the new one expires %(when)s.")
+                _("Refreshed the access token of %(email)s (the new one expires %(when)s).")
                 % {
                     "email": mailbox.email,
-                    "when": date_format(expires, "DATETIME_FORMAT") if expires else "?",
+                    "when": date_format(timezone.localtime(expires), "DATETIME_FORMAT")
+                    if expires
+                    else "?",
                 },
                 messages.SUCCESS,
             )
@@ -315,3 +362,7 @@ class MailboxAdmin(_ModelAdmin):
             )
             level = messages.WARNING
         self.message_user(request, text % {"email": email}, level)
+
+
+def _moment(moment: dt.datetime | None) -> str:
+    return date_format(timezone.localtime(moment), "DATETIME_FORMAT") if moment else "-"

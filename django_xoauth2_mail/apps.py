@@ -8,4 +8,4 @@ class XOAuth2MailConfig(AppConfig):
 
     def ready(self) -> None:
         # Registers the system checks (xoauth2_mail.E001 ...).
-        from django_xoauth2_mail import checks  # noqa: F401
+        from django_xoauth2_mail import checks, setup_checks  # noqa: F401

@@ -25,7 +25,7 @@ from django.db import router, transaction
 from django.utils import timezone
 
 from django_xoauth2_mail import signals, tokens
-from django_xoauth2_mail.conf import conf
+from django_xoauth2_mail.conf import conf, require_installed_app
 from django_xoauth2_mail.exceptions import (
     ConfigurationError,
     MailboxNotFound,
@@ -78,6 +78,7 @@ class EmailBackend(BaseEmailBackend):
         password: str | None = None,
         **kwargs: Any,
     ) -> None:
+        require_installed_app()  # the settings may have changed since this module loaded
         if BASE_TAKES_ALIAS:
             # fail_silently is kept here, not passed up: Django 6.1 deprecates
             # it in the base class but send_mail() still hands it to backends.
@@ -176,7 +177,7 @@ class EmailBackend(BaseEmailBackend):
                 continue
             job = batch.jobs.get(mailbox.pk)
             if job is None:
-                provider = get_provider(mailbox.provider)
+                provider = get_provider(mailbox.provider, mailbox=mailbox.email)
                 job = batch.jobs[mailbox.pk] = MailboxJob(
                     mailbox,
                     provider.smtp_endpoint,

@@ -19,30 +19,11 @@ from django_xoauth2_mail.conf import (
     SASL_MECHANISM_VALUES,
     SMTP_SECURITY_MODES,
 )
+from django_xoauth2_mail.providers import PROVIDER_SETTINGS
 from django_xoauth2_mail.providers.base import is_loopback, normalized_smtp_security
 
-PROVIDER_KEYS = {
-    "CLIENT_ID",
-    "CLIENT_SECRET",
-    "SCOPES",
-    "TOKEN_URL",
-    "AUTHORIZATION_URL",
-    "USERINFO_URL",
-    "REVOCATION_URL",
-    "SMTP_HOST",
-    "SMTP_PORT",
-    "SMTP_SECURITY",
-    "SMTP_CA_FILE",
-    "TENANT",
-    "AUTHORITY_HOST",
-    "SERVICE_ACCOUNT_FILE",
-    "SERVICE_ACCOUNT_INFO",
-    "APP_ONLY",
-    "HTTP_CA_FILE",
-    "RATE_LIMIT",
-    "BASE_URL",
-    "DEVICE_AUTHORIZATION_URL",
-}
+# Every key some provider reads; providers/__init__.py says which provider reads which.
+PROVIDER_KEYS = frozenset().union(*PROVIDER_SETTINGS.values())
 NUMBERS = {
     "TOKEN_REFRESH_SKEW": (int, float),
     "SMTP_TIMEOUT": (int, float),
@@ -166,14 +147,16 @@ def _check_provider(provider_id: Any, provider_settings: Any) -> list[CheckMessa
     if not isinstance(provider_settings, Mapping):
         return [_error(9, f"{label} must be a dict of settings.", "")]
     messages: list[CheckMessage] = []
+    known = PROVIDER_SETTINGS[provider_id]
     for key in sorted(set(provider_settings) - PROVIDER_KEYS):
         messages.append(
             Warning(
                 f"{label} has an unknown key {key!r}; it is ignored.",
-                hint=f"Known keys: {', '.join(sorted(PROVIDER_KEYS))}.",
+                hint=f"Known keys: {', '.join(sorted(known))}.",
                 id="xoauth2_mail.W002",
             )
         )
+    messages += _keys_of_other_providers(provider_id, provider_settings)
     provider_class = get_provider_class(provider_id)
     for key in provider_class.required_settings:
         if not provider_settings.get(key):
@@ -315,9 +298,6 @@ def check_dev_provider_in_deployment(**kwargs: Any) -> list[CheckMessage]:
 
 # OAUTHBEARER and issuer discovery (xoauth2_mail.E040-E049) ----------------------------
 
-# Provider keys every provider accepts (SASL_MECHANISM) or oauth2 reads (ISSUER).
-PROVIDER_KEYS.update({"SASL_MECHANISM", "ISSUER"})
-
 
 @register(Tags.compatibility)
 def check_standards_settings(**kwargs: Any) -> list[CheckMessage]:
@@ -399,3 +379,26 @@ def _check_issuer(provider_id: Any, label: str, values: Mapping[str, Any]) -> li
             )
         ]
     return []
+
+
+# Checks of the newcomer's common mistakes (W020-W029, E020-E029). ------------------------
+
+
+def _keys_of_other_providers(provider_id: str, values: Mapping[str, Any]) -> list[CheckMessage]:
+    """A key that another provider reads (``TENANT`` under ``google``) is ignored here:
+    say whose key it is, since it was probably meant for that provider."""
+    known = PROVIDER_SETTINGS[provider_id]
+    messages: list[CheckMessage] = []
+    # ISSUER elsewhere than under oauth2 is an error of its own (E042), not reported twice.
+    for key in sorted(set(values) & PROVIDER_KEYS - known - {"ISSUER"}):
+        owners = sorted(other for other, keys in PROVIDER_SETTINGS.items() if key in keys)
+        messages.append(
+            Warning(
+                f"XOAUTH2_MAIL['PROVIDERS'][{provider_id!r}] has {key!r}, a setting of "
+                f"{' and '.join(owners)} that {provider_id} does not read; it is ignored.",
+                hint=f"Move it under {' or '.join(repr(o) for o in owners)}, or remove it. "
+                f"{provider_id} reads: {', '.join(sorted(known))}.",
+                id="xoauth2_mail.W020",
+            )
+        )
+    return messages

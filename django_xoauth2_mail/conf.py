@@ -9,7 +9,9 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
+from django.apps import apps
 from django.conf import settings
+from django.core.exceptions import ImproperlyConfigured
 
 PROVIDER_IDS = ("google", "microsoft", "oauth2", "dev")
 SMTP_SECURITY_MODES = ("tls", "starttls", "none")
@@ -105,3 +107,22 @@ class Settings:
 
 
 conf = Settings()
+
+
+APP_NAME = "django_xoauth2_mail"
+
+
+def require_installed_app() -> None:
+    """Refuse to work when the app is missing from ``INSTALLED_APPS``.
+
+    ``EMAIL_BACKEND`` can name the backend without the app being installed; nothing
+    would then check the settings, and the first send would fail in Django's model
+    machinery with a RuntimeError that names no fix. (Before the app registry is
+    ready, Django itself refuses model imports with AppRegistryNotReady.)
+    """
+    if apps.apps_ready and not apps.is_installed(APP_NAME):
+        raise ImproperlyConfigured(
+            f"{APP_NAME} is not in INSTALLED_APPS, so its Mailbox model, where the sending "
+            f'accounts are kept, cannot be used. Add "{APP_NAME}" to INSTALLED_APPS in '
+            "your settings, then run `python manage.py migrate`."
+        )

@@ -85,13 +85,12 @@ class MailboxReconnectRequired(XOAuth2MailError, smtplib.SMTPAuthenticationError
     same actionable text as ``str(error)``.
     """
 
-    def __init__(self, mailbox: str, detail: str = "") -> None:
+    def __init__(self, mailbox: str, detail: str = "", *, provider: str | None = None) -> None:
         reason = f" The provider said: {detail.rstrip('.')}." if detail else ""
         super().__init__(
             f"The mailbox {mailbox} must be reconnected: its OAuth2 consent was revoked "
-            f"or has expired.{reason} Fix it with `python manage.py connect_mailbox "
-            f"<provider> --email {mailbox}` or with the Reconnect button in the Django admin "
-            "(XOAUTH2 mail > Mailboxes).",
+            f"or has expired.{reason} Fix it with `{connect_command(mailbox, provider)}` or "
+            "with the Reconnect button in the Django admin (XOAUTH2 mail > Mailboxes).",
             mailbox=mailbox,
         )
         self.detail = detail
@@ -107,13 +106,18 @@ class MailboxDisconnected(XOAuth2MailError, smtplib.SMTPServerDisconnected):
     backend reported as ``SMTPServerDisconnected`` (an ``OSError``).
     """
 
-    def __init__(self, mailbox: str) -> None:
+    def __init__(self, mailbox: str, *, provider: str | None = None) -> None:
         super().__init__(
             f"The mailbox {mailbox} is disconnected. Connect it again with "
-            f"`python manage.py connect_mailbox <provider> --email {mailbox}` or in the "
-            "Django admin before sending from it.",
+            f"`{connect_command(mailbox, provider)}` or in the Django admin before sending "
+            "from it.",
             mailbox=mailbox,
         )
+
+
+def connect_command(mailbox: str, provider: str | None) -> str:
+    """The exact command that (re)connects ``mailbox``, as a person would type it."""
+    return f"python manage.py connect_mailbox {provider or '<provider>'} --email {mailbox}"
 
 
 class TokenRefreshError(XOAuth2MailError, smtplib.SMTPServerDisconnected):

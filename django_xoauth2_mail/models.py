@@ -9,8 +9,11 @@ from django.db.models.functions import Lower
 from django.utils import timezone
 from django.utils.translation import gettext_lazy as _
 
-from django_xoauth2_mail.conf import PROVIDER_IDS
+from django_xoauth2_mail.conf import PROVIDER_IDS, require_installed_app
 from django_xoauth2_mail.crypto import EncryptedTextField
+
+# Imported by EMAIL_BACKEND's backend even when the app is not installed: say so clearly.
+require_installed_app()
 
 
 class MailboxStatus(models.TextChoices):

@@ -34,7 +34,7 @@ from django_xoauth2_mail.exceptions import (
     XOAuth2MailError,
 )
 from django_xoauth2_mail.models import Mailbox, MailboxStatus
-from django_xoauth2_mail.providers import get_provider
+from django_xoauth2_mail.providers import get_provider, get_provider_class
 from django_xoauth2_mail.providers.base import GrantRevoked, TokenEndpointError, TokenResult
 from django_xoauth2_mail.providers.scrub import scrub
 
@@ -83,9 +83,9 @@ def locked_mailbox(
 def ensure_sendable(mailbox: Mailbox) -> None:
     """Fail fast, without a network call, for a mailbox that cannot send."""
     if mailbox.status == MailboxStatus.RECONNECT_REQUIRED:
-        raise MailboxReconnectRequired(mailbox.email, mailbox.last_error)
+        raise MailboxReconnectRequired(mailbox.email, mailbox.last_error, provider=mailbox.provider)
     if mailbox.status == MailboxStatus.DISCONNECTED:
-        raise MailboxDisconnected(mailbox.email)
+        raise MailboxDisconnected(mailbox.email, provider=mailbox.provider)
 
 
 @sensitive_variables()
@@ -125,7 +125,9 @@ class _Outcome:
             signals.mailbox_reconnect_required.send(
                 sender=Mailbox, mailbox=mailbox, error=self.revoked_detail
             )
-            raise MailboxReconnectRequired(mailbox.email, self.revoked_detail)
+            raise MailboxReconnectRequired(
+                mailbox.email, self.revoked_detail, provider=mailbox.provider
+            )
         if self.error is not None:
             raise self.error
         ensure_sendable(mailbox)
@@ -160,11 +162,12 @@ def _refresh_under_row_lock(mailbox: Mailbox, rejected_token: str | None) -> _Ou
             _copy_token_state(locked, mailbox)
             return _Outcome(revoked_detail=detail)
         except TokenEndpointError as exc:
+            hint = _unreachable_hint(mailbox) if exc.retryable else ""
             error = TokenRefreshError(
                 f"Could not refresh the access token of {mailbox.email}: "
                 f"{provider_text(exc, locked)}. "
                 "Nothing was sent; try again later, and check the provider's settings "
-                "if it persists.",
+                f"if it persists.{hint}",
                 mailbox=mailbox.email,
             )
             _record_error(locked, str(error))
@@ -174,9 +177,14 @@ def _refresh_under_row_lock(mailbox: Mailbox, rejected_token: str | None) -> _Ou
         return _Outcome(refreshed=True, rotated=result.refresh_token is not None)
 
 
+def _unreachable_hint(mailbox: Mailbox) -> str:
+    hint = get_provider_class(mailbox.provider).unreachable_hint
+    return f" {hint}" if hint else ""
+
+
 @sensitive_variables()
 def _call_provider(mailbox: Mailbox) -> TokenResult:
-    provider = get_provider(mailbox.provider)
+    provider = get_provider(mailbox.provider, mailbox=mailbox.email)
     attempts = max(1, conf.TOKEN_REFRESH_ATTEMPTS)
     for attempt in range(attempts):
         try:

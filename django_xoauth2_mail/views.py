@@ -236,7 +236,7 @@ def callback_view(request: HttpRequest, model_admin: MailboxAdmin) -> HttpRespon
     else:
         model_admin.log_change(request, mailbox, "Reconnected through the OAuth2 consent flow.")
         text = _("Reconnected %(email)s: mail from it goes out with OAuth2 again (%(provider)s).")
-    text += " " + _("To check it, run the “Send a test email” action on it.")
+    text += " " + _("To check it, click “Send a test email” above.")
     messages.success(request, text % {"email": mailbox.email, "provider": mailbox.provider})
     return HttpResponseRedirect(admin_url(model_admin, "change", mailbox.pk))
 

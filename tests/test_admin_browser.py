@@ -95,10 +95,11 @@ def screenshot(page: Any, name: str) -> None:
 
 
 @pytest.fixture
-def browser_site(oauth2_settings, oauth2_server, real_backend, django_user_model):
+def browser_site(oauth2_settings, oauth2_server, real_backend, django_user_model, settings):
     """The provider set up as a site would, a staff user, and a flagged
     mailbox so the change list shows both states."""
     require_browser()
+    settings.SERVER_EMAIL = SENDER  # as the quickstart says: error reports can go out
     oauth2_settings["PROVIDERS"]["oauth2"] |= {
         "USERINFO_URL": oauth2_server.userinfo_url,
         "REVOCATION_URL": oauth2_server.revocation_url,

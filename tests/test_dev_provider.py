@@ -17,7 +17,7 @@ from django.utils import timezone
 from django_xoauth2_mail import signals
 from django_xoauth2_mail.checks import check_settings
 from django_xoauth2_mail.consent.flows import make_pkce_pair, save_consent
-from django_xoauth2_mail.exceptions import MailboxReconnectRequired
+from django_xoauth2_mail.exceptions import ConfigurationError, MailboxReconnectRequired
 from django_xoauth2_mail.models import Mailbox, MailboxStatus
 from django_xoauth2_mail.providers import get_provider
 from django_xoauth2_mail.providers.base import SMTPEndpoint
@@ -44,9 +44,15 @@ def test_an_empty_settings_dict_is_a_complete_configuration(settings: Any) -> No
     assert not [m for m in check_settings() if isinstance(m, Error)]
 
 
-def test_works_without_any_settings(settings: Any) -> None:
-    settings.XOAUTH2_MAIL = {}
+def test_works_with_an_empty_dict(settings: Any) -> None:
+    settings.XOAUTH2_MAIL = {"PROVIDERS": {"dev": {}}}
     assert get_provider("dev").smtp_endpoint.port == 2525
+
+
+def test_is_not_used_unless_configured(settings: Any) -> None:
+    settings.XOAUTH2_MAIL = {}
+    with pytest.raises(ConfigurationError, match=r"'dev' is not in XOAUTH2_MAIL\['PROVIDERS'\]"):
+        get_provider("dev")
 
 
 def test_base_url_moves_every_endpoint_and_the_smtp_host() -> None:

@@ -42,15 +42,16 @@ from django_xoauth2_mail.consent.loopback import (
     LoopbackServer,
     start_paste_reader,
 )
-from django_xoauth2_mail.exceptions import MailboxNotFound, XOAuth2MailError
+from django_xoauth2_mail.exceptions import MailboxNotFound, SMTPConnectionFailed, XOAuth2MailError
 from django_xoauth2_mail.models import Mailbox, normalize_address
-from django_xoauth2_mail.providers import get_provider
+from django_xoauth2_mail.providers import get_provider, get_provider_class
 from django_xoauth2_mail.providers.base import (
     ConsentResult,
     GrantRevoked,
     Provider,
     SMTPEndpoint,
     TokenEndpointError,
+    check_reachable,
 )
 from django_xoauth2_mail.sending.loop import mail_loop, run_orm
 from django_xoauth2_mail.sending.session import SMTPSession
@@ -76,6 +77,21 @@ def find_mailbox(address: str) -> Mailbox:
             "connects it."
         )
     return mailbox
+
+
+def as_sentence(error: Exception) -> str:
+    """An error's text ending like a sentence, for a message that goes on after it."""
+    text = str(error).rstrip()
+    return text if text.endswith((".", "?", "!")) else f"{text}."
+
+
+def unreachable_hint(mailbox: Mailbox, error: Exception) -> str:
+    """The provider's likely cause of an SMTP server that could not be reached (e.g. the
+    development server not running), followed by a space; else nothing."""
+    if not isinstance(error, SMTPConnectionFailed):
+        return ""
+    hint = get_provider_class(mailbox.provider).unreachable_hint
+    return f"{hint} " if hint else ""
 
 
 # The loopback flow ----------------------------------------------------------------
@@ -133,15 +149,30 @@ def consent_by_loopback(
 def authorization_url(
     provider: Provider, redirect_uri: str, state: str, challenge: str, email: str | None
 ) -> str:
-    url = provider.authorization_url(
-        redirect_uri=redirect_uri, state=state, code_challenge=challenge, login_hint=email
-    )
+    try:
+        # Microsoft's adapter reads the tenant's discovery document first (msal).
+        url = provider.authorization_url(
+            redirect_uri=redirect_uri, state=state, code_challenge=challenge, login_hint=email
+        )
+    except (GrantRevoked, TokenEndpointError) as exc:
+        raise ConsentError(
+            f"{provider.name} did not start the sign-in ({as_clause(exc)}). Nothing was "
+            "saved; fix that and run the command again."
+        ) from None
     parts = urlsplit(url)
     if parts.scheme not in ("http", "https") or not parts.netloc:
         raise ConsentError(
             f"The {provider.id} provider has no authorization URL to open. Set "
             f"AUTHORIZATION_URL in XOAUTH2_MAIL['PROVIDERS'][{provider.id!r}] and try again."
         )
+    try:
+        check_reachable(url, hint=provider.unreachable_hint)
+    except TokenEndpointError as exc:
+        raise ConsentError(
+            f"Cannot start the consent: {as_sentence(exc)} Nothing was saved; check "
+            f"the network and AUTHORIZATION_URL of the {provider.id} provider, then run the "
+            "command again."
+        ) from None
     return url
 
 
@@ -250,7 +281,7 @@ def check_smtp_login(mailbox: Mailbox) -> SMTPEndpoint:
     through the token layer and tried again. Raises SMTPAuthenticationFailed or
     SMTPConnectionFailed with the package's explanations.
     """
-    endpoint = get_provider(mailbox.provider).smtp_endpoint
+    endpoint = get_provider(mailbox.provider, mailbox=mailbox.email).smtp_endpoint
     token = tokens.get_access_token(mailbox)
     mailbox_pk = mailbox.pk
 
@@ -290,6 +321,15 @@ def describe_moment(moment: dt.datetime | None) -> str:
     if moment is None:
         return "-"
     return timezone.localtime(moment).strftime("%Y-%m-%d %H:%M %Z")
+
+
+def last_error_is_past(mailbox: Mailbox) -> bool:
+    """True when a token refresh or a send succeeded after the last error was recorded:
+    the error is history, not the mailbox's state (which its status tells)."""
+    if not mailbox.last_error or mailbox.last_error_at is None:
+        return False
+    successes = (mailbox.last_refreshed_at, mailbox.last_sent_at)
+    return any(moment is not None and moment > mailbox.last_error_at for moment in successes)
 
 
 def describe_expiry(moment: dt.datetime | None) -> str:

@@ -25,9 +25,11 @@ def consent_by_device(provider: Provider, timeout: float, say: Say) -> ConsentRe
     try:
         flow = provider.start_device_flow()
     except (GrantRevoked, TokenEndpointError) as exc:
+        hint = provider.unreachable_hint if getattr(exc, "retryable", False) else ""
         raise ConsentError(
             f"{provider.name} did not start the device sign-in ({as_clause(exc)}). Nothing was "
             "saved; fix that and run the command again, or connect with --loopback."
+            + (f" {hint}" if hint else "")
         ) from None
     say("Open this address in a browser on any device:")
     say("")

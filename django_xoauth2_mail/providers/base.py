@@ -152,6 +152,8 @@ class Provider:
     default_rate_limit: ClassVar[int | None] = None
     # Settings keys this provider cannot work without (checked by checks.py).
     required_settings: ClassVar[tuple[str, ...]] = ("CLIENT_ID",)
+    # Added to "could not be reached" errors: the likely cause, when there is one.
+    unreachable_hint: ClassVar[str] = ""
 
     @classmethod
     def settings_problems(cls, settings: Mapping[str, Any]) -> list[tuple[str, str]]:
@@ -246,6 +248,30 @@ class Provider:
     def revoke_token(self, token: str) -> bool:
         """Revoke a refresh token at the provider; False where it offers no revocation."""
         return False
+
+
+def check_reachable(url: str, *, hint: str = "") -> None:
+    """Raise TokenEndpointError unless the server of ``url`` answers at all (any HTTP
+    status, or a TLS handshake this process does not trust but the browser may), within
+    HTTP_TIMEOUT: a cheap check before a person is sent to a page that cannot load, and
+    left waiting for an answer that cannot come."""
+    parts = urlsplit(url)
+    bare = urlunsplit((parts.scheme, parts.netloc, parts.path, "", ""))
+    try:
+        requests.head(bare, timeout=conf.HTTP_TIMEOUT, allow_redirects=False).close()
+    except requests.exceptions.SSLError:
+        return  # something listens there; whether to trust it is the browser's call
+    except requests.Timeout:
+        problem = f"did not answer within {conf.HTTP_TIMEOUT:g} s"
+    except requests.RequestException as exc:
+        problem = f"could not be reached ({type(exc).__name__})"
+    else:
+        return
+    raise TokenEndpointError(
+        f"the authorization server {parts.scheme}://{parts.netloc} {problem}"
+        + (f". {hint}" if hint else ""),
+        retryable=True,
+    )
 
 
 def authorization_request_url(

@@ -44,6 +44,7 @@ class DevProvider(OAuth2Provider):
     default_scopes = DEFAULT_SCOPES
     default_rate_limit = None
     required_settings: ClassVar[tuple[str, ...]] = ()
+    unreachable_hint: ClassVar[str] = "Is `python manage.py xoauth2_devserver` running?"
 
     def __init__(self, settings: Mapping[str, Any] | None = None) -> None:
         super().__init__(settings)

@@ -42,7 +42,8 @@ def refresh_with(oauth2_server, refresh_token):
     )
 
 
-def test_defaults_are_gmail():
+def test_defaults_are_gmail(settings):
+    settings.XOAUTH2_MAIL = {"PROVIDERS": {"google": {"CLIENT_ID": "id"}}}
     provider = GoogleProvider({"CLIENT_ID": "id"})
     endpoint = provider.smtp_endpoint
     assert (endpoint.host, endpoint.port, endpoint.security) == ("smtp.gmail.com", 465, "tls")

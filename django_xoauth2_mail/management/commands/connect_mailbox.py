@@ -19,12 +19,13 @@ from django_xoauth2_mail.consent.cli import (
     consent_by_loopback,
     describe_expiry,
     describe_moment,
+    unreachable_hint,
 )
 from django_xoauth2_mail.consent.device_flow import consent_by_device
 from django_xoauth2_mail.consent.flows import ConsentError, resolve_email, save_consent
 from django_xoauth2_mail.exceptions import XOAuth2MailError
 from django_xoauth2_mail.models import Mailbox, MailboxStatus, normalize_address
-from django_xoauth2_mail.providers import discovery, get_provider
+from django_xoauth2_mail.providers import configured_provider_ids, discovery, get_provider
 from django_xoauth2_mail.providers.base import ConsentResult, Provider, TokenEndpointError
 from django_xoauth2_mail.providers.oauth2 import OAuth2Provider
 from django_xoauth2_mail.tokens import get_access_token
@@ -45,7 +46,16 @@ class Command(BaseCommand):
     stealth_options = ("stdin",)  # call_command(..., stdin=...) for the paste flow
 
     def add_arguments(self, parser: ArgumentParser) -> None:
-        parser.add_argument("provider", choices=PROVIDER_IDS, help="The provider id.")
+        # Configured providers first: they are the ones that can work now.
+        configured = configured_provider_ids()
+        others = [provider_id for provider_id in PROVIDER_IDS if provider_id not in configured]
+        parser.add_argument(
+            "provider",
+            choices=[*configured, *others],
+            help="The provider id. Configured in XOAUTH2_MAIL['PROVIDERS']: "
+            f"{', '.join(configured) or 'none yet'}"
+            + (f"; {', '.join(others)} must be added there first." if others else "."),
+        )
         parser.add_argument(
             "--email",
             metavar="ADDRESS",
@@ -259,9 +269,10 @@ class Command(BaseCommand):
         except XOAuth2MailError as exc:
             _record_error(mailbox, str(exc))
             raise CommandError(
-                f"{mailbox.email} is saved, but the SMTP login check failed: {exc} When that "
-                f"is fixed, `python manage.py send_test_email {mailbox.email}` checks again "
-                "(connect_mailbox --no-verify skips this check)."
+                f"{mailbox.email} is saved, but the SMTP login check failed: {exc} "
+                f"{unreachable_hint(mailbox, exc)}When that is fixed, `python manage.py "
+                f"send_test_email {mailbox.email}` checks again (connect_mailbox --no-verify "
+                "skips this check)."
             ) from None
         self.say(f"  SMTP login to {endpoint.host}:{endpoint.port} OK ({endpoint.sasl_mechanism}).")
 

@@ -6,8 +6,15 @@ from typing import Any
 
 from django.core.management.base import BaseCommand
 
-from django_xoauth2_mail.consent.cli import describe_expiry, describe_moment, format_table
+from django_xoauth2_mail.consent.cli import (
+    describe_expiry,
+    describe_moment,
+    format_table,
+    last_error_is_past,
+)
+from django_xoauth2_mail.exceptions import connect_command
 from django_xoauth2_mail.models import Mailbox, MailboxStatus
+from django_xoauth2_mail.setup_checks import sending_problems
 
 HEADERS = ("ADDRESS", "PROVIDER", "STATUS", "ACCESS TOKEN", "LAST SEND", "LAST ERROR")
 # The error column keeps the table on one line per mailbox; the admin shows it in full.
@@ -29,12 +36,18 @@ class Command(BaseCommand):
             return
         for line in format_table(HEADERS, [_row(mailbox) for mailbox in mailboxes]):
             self.stdout.write(line)
-        waiting = sum(m.status == MailboxStatus.RECONNECT_REQUIRED for m in mailboxes)
-        if waiting:
-            self.stderr.write(
-                f"{waiting} mailbox(es) must be reconnected before they can send: run "
-                "`python manage.py connect_mailbox PROVIDER --email ADDRESS` for each."
-            )
+        for note in _problems(mailboxes):
+            self.stderr.write(note)
+
+
+def _problems(mailboxes: list[Mailbox]) -> list[str]:
+    """What keeps mail from going out, each with its fix, for the person to act on."""
+    notes = []
+    waiting = [m for m in mailboxes if m.status == MailboxStatus.RECONNECT_REQUIRED]
+    if waiting:
+        notes.append(f"{len(waiting)} mailbox(es) must be reconnected before they can send:")
+        notes += [f"  {connect_command(m.email, m.provider)}" for m in waiting]
+    return notes + sending_problems()
 
 
 def _row(mailbox: Mailbox) -> list[str]:
@@ -42,6 +55,8 @@ def _row(mailbox: Mailbox) -> list[str]:
     if len(error) > ERROR_WIDTH:
         error = error[: ERROR_WIDTH - 3] + "..."
     when = f" ({describe_moment(mailbox.last_error_at)})" if error else ""
+    if error and last_error_is_past(mailbox):
+        error = f"earlier: {error}"  # a refresh or send succeeded since
     return [
         mailbox.email,
         mailbox.provider,

@@ -10,7 +10,12 @@ from django.core.management.base import BaseCommand, CommandError
 from django.utils import timezone
 
 from django_xoauth2_mail.backends import EmailBackend
-from django_xoauth2_mail.consent.cli import command_errors, describe_moment, find_mailbox
+from django_xoauth2_mail.consent.cli import (
+    command_errors,
+    describe_moment,
+    find_mailbox,
+    unreachable_hint,
+)
 from django_xoauth2_mail.exceptions import XOAuth2MailError
 from django_xoauth2_mail.providers import get_provider
 
@@ -36,7 +41,7 @@ class Command(BaseCommand):
     def handle(self, *args: Any, **options: Any) -> None:
         with command_errors():
             mailbox = find_mailbox(options["address"])
-            endpoint = get_provider(mailbox.provider).smtp_endpoint
+            endpoint = get_provider(mailbox.provider, mailbox=mailbox.email).smtp_endpoint
         recipients = options["recipients"] or [mailbox.email]
         body = (
             f"This message was sent from {mailbox.email} by `manage.py send_test_email` at "
@@ -54,7 +59,8 @@ class Command(BaseCommand):
             message.send()
             mechanism = ", ".join(sorted(backend.dispatcher.sasl_mechanisms)) or "OAuth2"
         except XOAuth2MailError as exc:
-            raise CommandError(f"The test message was not sent: {exc}") from None
+            hint = unreachable_hint(mailbox, exc)
+            raise CommandError(f"The test message was not sent: {exc} {hint}".rstrip()) from None
         finally:
             backend.close()
         self.stdout.write(
