@@ -264,6 +264,7 @@ def test_a_token_for_another_account_is_refused(devserver: Devserver) -> None:
     assert smtp_auth(devserver.smtp_port, tokens["access_token"], "other@example.com")[0] == 535
 
 
+@pytest.mark.slow
 def test_expired_token_is_refused_and_refresh_rotates(tmp_path: Path) -> None:
     with running_devserver(tmp_path, "--token-lifetime", "1") as server:
         assert "expire after 1 s" in server.stdout.getvalue()
@@ -409,6 +410,7 @@ def test_a_signal_stops_it_cleanly(tmp_path: Path, signum: int) -> None:
         pass
 
 
+@pytest.mark.slow
 def test_restart_keeps_issued_tokens(tmp_path: Path) -> None:
     oauth_port, smtp_port = free_ports(2)
     options = ["--oauth-port", str(oauth_port), "--smtp-port", str(smtp_port)]

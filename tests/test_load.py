@@ -21,6 +21,7 @@ from tests.conftest import SENDER
 pytestmark = pytest.mark.django_db(transaction=True)
 
 
+@pytest.mark.slow
 def test_32_threads_times_50_messages_arrive_once_with_one_refresh(
     mailbox, xoauth2_smtp_server, oauth2_server
 ):

@@ -26,6 +26,7 @@ def server(oauth2_server: OAuth2Server) -> OAuth2Server:
     return oauth2_server
 
 
+@pytest.mark.slow
 def test_approved(server):
     flow = device_grant.start(server.device_authorization_url, SCOPES, AUTH)
     assert flow.verification_uri == server.device_verification_url
@@ -47,6 +48,7 @@ def test_approved(server):
     assert [r["grant_type"] for r in server.token_requests] == [device_grant.GRANT_TYPE]
 
 
+@pytest.mark.slow
 def test_denied(server):
     flow = device_grant.start(server.device_authorization_url, SCOPES, AUTH)
     server.deny_device_code(flow.user_code)
@@ -54,6 +56,7 @@ def test_denied(server):
         device_grant.poll(server.token_url, flow, AUTH, timeout=10)
 
 
+@pytest.mark.slow
 def test_our_timeout(server):
     flow = device_grant.start(server.device_authorization_url, SCOPES, AUTH)
     with pytest.raises(base.DeviceFlowExpired, match="nobody entered the code") as caught:
@@ -62,6 +65,7 @@ def test_our_timeout(server):
     assert server.token_request_count == 1  # it polled at the interval, then gave up
 
 
+@pytest.mark.slow
 def test_the_servers_expired_token(server):
     server.device_code_interval, server.device_code_lifetime = 2, 1
     flow = device_grant.start(server.device_authorization_url, SCOPES, AUTH)
@@ -72,6 +76,7 @@ def test_the_servers_expired_token(server):
     assert server.token_request_count == 1
 
 
+@pytest.mark.slow
 def test_unreachable_token_endpoint_backs_off_until_the_deadline(server):
     with socket.socket() as closed:
         closed.bind(("127.0.0.1", 0))
@@ -81,6 +86,7 @@ def test_unreachable_token_endpoint_backs_off_until_the_deadline(server):
         device_grant.poll(dead_url, flow, AUTH, timeout=2.5)  # 1 s, then 2 s would pass it
 
 
+@pytest.mark.slow
 def test_other_refusals_stop_polling(server):
     flow = device_grant.start(server.device_authorization_url, SCOPES, AUTH)
     wrong = {"client_id": TEST_CLIENT_ID, "client_secret": "wrong"}
