@@ -1,15 +1,30 @@
-"""A newcomer's first hour: what the docs say, checked against what the code does."""
+"""A newcomer's first hour: what the docs say, checked against what the code does.
+
+The last test is the whole first hour, scripted: a fresh ``django-admin startproject``, this
+repository's wheel installed with its ``[testing]`` extra into a new virtual environment,
+the settings that docs/quickstart.rst gives for the development server, ``check``,
+``migrate``, ``xoauth2_devserver``, ``connect_mailbox dev --no-browser``, then
+``send_test_email``, ``send_mail()``, ``mail_admins()`` and a password reset through
+Django's own views, and the pytest examples of docs/testing.rst, all with warnings as
+errors. It needs PyPI (pip reuses its cache) and takes a minute or two: it is ``slow``.
+"""
 
 from __future__ import annotations
 
 import os
+import queue
 import re
+import shutil
 import subprocess
 import sys
+import threading
+import time
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
+import django
 import pytest
+import requests
 
 from django_xoauth2_mail.management.commands.connect_mailbox import Command as ConnectMailbox
 from tests.test_commands import connect
@@ -110,3 +125,317 @@ def test_dev_device_flow_needs_no_device_authorization_url(
         output = run.finish()
     assert "Connected: dev@example.com with Development server (dev)." in output
     assert re.search(r"Access token expires .+ \(in 2 min\)", output), output
+
+
+# The scripted newcomer run --------------------------------------------------------------
+
+NEWCOMER = "me@example.com"  # the address docs/quickstart.rst connects
+ADMIN = "ops@example.org"
+READER = "ann@example.org"
+# What pip prints when it cannot reach the index at all (not: a package that is missing).
+OFFLINE = re.compile(
+    r"Failed to establish a new connection|Temporary failure in name resolution"
+    r"|Network is unreachable|Name or service not known|No route to host"
+)
+
+
+class Newcomer:
+    """A fresh venv and project in ``home``; runs its commands with warnings as errors."""
+
+    def __init__(self, home: Path) -> None:
+        self.home = home
+        self.venv = home / "venv"
+        self.site = home / "mysite"
+        self.python = self.venv / "bin" / "python"
+        self.env = {
+            k: v
+            for k, v in os.environ.items()
+            if not k.startswith(("DJANGO_", "PYTHON", "PYTEST", "VIRTUAL_ENV", "XOAUTH2_"))
+        } | {"PYTHONUNBUFFERED": "1", "PYTHONUTF8": "1"}
+        self.env["PATH"] = f"{self.venv / 'bin'}{os.pathsep}{os.environ.get('PATH', '')}"
+
+    def run(self, *args: str | Path, timeout: float = 120, cwd: Path | None = None) -> str:
+        """Run a command; fail with its output unless it exits 0. Returns that output."""
+        done = subprocess.run(
+            [str(a) for a in args],
+            cwd=cwd or self.site,
+            env=self.env,
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            stdin=subprocess.DEVNULL,
+        )
+        assert done.returncode == 0, (
+            f"{' '.join(map(str, args))} exited {done.returncode}:\n{done.stdout}\n{done.stderr}"
+        )
+        return done.stdout + done.stderr
+
+    def manage(self, *args: str, timeout: float = 120) -> str:
+        output = self.run(self.python, "-W", "error", "manage.py", *args, timeout=timeout)
+        assert "Warning" not in output, output
+        return output
+
+    def popen(self, *args: str, stdin: int | None = subprocess.DEVNULL) -> Process:
+        return Process(
+            [str(self.python), "-W", "error", "manage.py", *args], self.site, self.env, stdin
+        )
+
+
+class Process:
+    """A running manage.py command whose output lines a thread collects."""
+
+    def __init__(self, args: list[str], cwd: Path, env: dict[str, str], stdin: Any) -> None:
+        self.args = args
+        self.popen = subprocess.Popen(
+            args,
+            cwd=cwd,
+            env=env,
+            stdin=stdin,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        self.lines: list[str] = []
+        self.closed = False  # the output ended
+        self._queue: queue.Queue[str | None] = queue.Queue()
+        assert self.popen.stdout is not None
+        threading.Thread(target=self._read, args=(self.popen.stdout,), daemon=True).start()
+
+    def _read(self, stream: IO[str]) -> None:
+        for line in stream:
+            self._queue.put(line.rstrip("\n"))
+        self._queue.put(None)
+
+    def _next(self, timeout: float) -> str | None:
+        """One more line, or None when the output ended or nothing came in time."""
+        if self.closed:
+            return None
+        try:
+            line = self._queue.get(timeout=max(timeout, 0))
+        except queue.Empty:
+            return None
+        if line is None:
+            self.closed = True
+        else:
+            self.lines.append(line)
+        return line
+
+    def wait_for(self, pattern: str, timeout: float = 60) -> re.Match[str]:
+        """The first output line matching ``pattern``; fail with the output after timeout."""
+        deadline = time.monotonic() + timeout
+        seen = 0
+        while True:
+            for line in self.lines[seen:]:
+                if match := re.search(pattern, line):
+                    return match
+            seen = len(self.lines)
+            if self._next(deadline - time.monotonic()) is None:
+                raise AssertionError(f"{pattern!r} not printed by {self.args[3:]}:\n{self.output}")
+
+    @property
+    def output(self) -> str:
+        return "\n".join(self.lines)
+
+    def finish(self, timeout: float = 60) -> str:
+        """Wait for the exit; the whole output. Fails unless it exited 0."""
+        try:
+            self.popen.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.stop()
+            raise AssertionError(f"{self.args[3:]} still running:\n{self.output}") from None
+        deadline = time.monotonic() + 10
+        while not self.closed and time.monotonic() < deadline:
+            self._next(deadline - time.monotonic())
+        assert self.popen.returncode == 0, (
+            f"{self.args[3:]} exited {self.popen.returncode}:\n{self.output}"
+        )
+        return self.output
+
+    def stop(self) -> None:
+        if self.popen.poll() is None:
+            self.popen.terminate()
+            try:
+                self.popen.wait(10)
+            except subprocess.TimeoutExpired:
+                self.popen.kill()
+                self.popen.wait(10)
+        if self.popen.stdin:
+            self.popen.stdin.close()
+
+
+def install(me: Newcomer) -> None:
+    """This checkout's wheel with its [testing] extra, this Django, pytest, pytest-django."""
+    source = me.home / "source"  # a copy, so that building leaves the checkout untouched
+    shutil.copytree(
+        ROOT,
+        source,
+        ignore=shutil.ignore_patterns(
+            ".git", ".tox", ".venv*", "build", "dist", "*.egg-info", "__pycache__", "_build",
+            ".mypy_cache", ".ruff_cache", ".pytest_cache", "var", "node_modules",
+        ),
+    )  # fmt: skip
+    me.run(sys.executable, "-m", "venv", me.venv, cwd=me.home)
+    pip: list[str | Path] = [me.python, "-m", "pip", "--disable-pip-version-check", "--quiet"]
+    wheels = me.home / "wheels"
+    pip_from_pypi(me, *pip, "wheel", "--no-deps", "--wheel-dir", wheels, source)
+    (wheel,) = wheels.glob("django_xoauth2_mail-*.whl")
+    pip_from_pypi(
+        me, *pip, "install", "--only-binary", ":all:", f"{wheel}[testing]",
+        f"Django=={django.__version__}", "pytest", "pytest-django",
+    )  # fmt: skip
+
+
+def pip_from_pypi(me: Newcomer, *args: str | Path) -> None:
+    """Run pip; skip the test (saying why) only when PyPI cannot be reached at all."""
+    done = subprocess.run(
+        [str(a) for a in args],
+        cwd=me.home,
+        env=me.env,
+        capture_output=True,
+        text=True,
+        timeout=900,
+        stdin=subprocess.DEVNULL,
+    )
+    output = done.stdout + done.stderr
+    if done.returncode != 0 and OFFLINE.search(output):
+        pytest.skip(
+            "PyPI cannot be reached from here, so a fresh install is impossible "
+            f"({output.strip().splitlines()[-1]})"
+        )
+    assert done.returncode == 0, f"pip failed:\n{output}"
+
+
+def commands(text: str, after: str) -> list[list[str]]:
+    """The ``python manage.py ...`` lines of a literal block, as argument lists."""
+    lines = literal_block(text, after).splitlines()
+    assert all(line.startswith("python manage.py ") for line in lines), lines
+    return [line.split()[2:] for line in lines]
+
+
+def test_commands_the_quickstart_gives() -> None:
+    """What the newcomer run below takes from docs/quickstart.rst, and where."""
+    text = section((DOCS / "quickstart.rst").read_text(), "Without a Google or Microsoft account")
+    assert literal_block(text, "file pattern)::") == "pip install 'django-xoauth2-mail[testing]'"
+    assert commands(text, "where it keeps running::") == [
+        ["migrate"],
+        ["check"],
+        ["xoauth2_devserver"],
+    ]
+    assert commands(text, "send a test message::") == [
+        ["connect_mailbox", "dev", "--email", NEWCOMER],
+        ["send_test_email", NEWCOMER],
+    ]
+    blocks = code_blocks(text)
+    assert f'DEFAULT_FROM_EMAIL = "{NEWCOMER}"' in blocks["settings.py, every Django version"]
+    assert f'SERVER_EMAIL = "{NEWCOMER}"' in blocks["settings.py, every Django version"]
+    assert set(code_blocks(text)) == {
+        "settings.py, every Django version",
+        "settings.py, Django 5.2 and 6.0",
+        "settings.py, Django 6.1",
+    }
+
+
+def the_docs_settings() -> str:
+    text = section((DOCS / "quickstart.rst").read_text(), "Without a Google or Microsoft account")
+    blocks = code_blocks(text)
+    backend = "Django 6.1" if django.VERSION >= (6, 1) else "Django 5.2 and 6.0"
+    return blocks["settings.py, every Django version"] + blocks[f"settings.py, {backend}"]
+
+
+# The newcomer's own choices, which the docs leave to Django's documentation: someone to
+# receive mail_admins(), and the auth views for the password reset.
+ADMINS = f'ADMINS = ["{ADMIN}"]' if django.VERSION >= (6, 0) else f'ADMINS = [("Ops", "{ADMIN}")]'
+URLS = """
+from django.urls import include
+
+urlpatterns += [path("accounts/", include("django.contrib.auth.urls"))]
+"""
+# send_mail(), mail_admins() and a password reset through Django's views, in the project.
+SCRIPT = f"""
+from django.contrib.auth.models import User
+from django.core.mail import mail_admins, send_mail
+from django.test import Client
+
+assert send_mail("Hello from a newcomer", "It works.", None, ["reader@example.org"]) == 1
+mail_admins("Something to know", "From SERVER_EMAIL to ADMINS.")
+User.objects.create_user("ann", "{READER}", "old-password")
+page = Client(HTTP_HOST="localhost").post("/accounts/password_reset/", {{"email": "{READER}"}})
+assert (page.status_code, page["Location"]) == (302, "/accounts/password_reset/done/"), page
+print("all sent")
+"""
+
+
+@pytest.mark.slow
+def test_a_newcomer_following_the_docs(tmp_path: Path) -> None:
+    me = Newcomer(tmp_path)
+    install(me)
+    quickstart = section(
+        (DOCS / "quickstart.rst").read_text(), "Without a Google or Microsoft account"
+    )
+    me.run(me.venv / "bin" / "django-admin", "startproject", "mysite", cwd=me.home)
+    settings_py = me.site / "mysite" / "settings.py"
+    with settings_py.open("a") as settings:
+        settings.write(f"\n# From docs/quickstart.rst\n{the_docs_settings()}\n{ADMINS}\n")
+    with (me.site / "mysite" / "urls.py").open("a") as urls:
+        urls.write(URLS)
+
+    migrate, check, devserver = commands(quickstart, "where it keeps running::")
+    assert "No migrations to apply" not in me.manage(*migrate)
+    assert me.manage(*check).strip() == "System check identified no issues (0 silenced)."
+
+    # Free ports rather than 8765/2525; --auto-approve stands in for pressing Allow.
+    server = me.popen(*devserver, "--oauth-port", "0", "--smtp-port", "0", "--auto-approve")
+    try:
+        base_url = server.wait_for(r"OAuth2 server +(http://127\.0\.0\.1:\d+)").group(1)
+        smtp_port = server.wait_for(r"SMTP server +127\.0\.0\.1:(\d+)").group(1)
+        server.wait_for(r"^Quit with CONTROL-C\.")
+        with settings_py.open("a") as settings:  # as docs/providers/dev.rst says for ports
+            settings.write(
+                f'XOAUTH2_MAIL["PROVIDERS"]["dev"].update(BASE_URL="{base_url}", '
+                f"SMTP_PORT={smtp_port})\n"
+            )
+
+        connect_args, send_test = commands(quickstart, "send a test message::")
+        # --no-browser, as on a machine without one: the test opens the printed address.
+        command = me.popen(*connect_args, "--no-browser", "--timeout", "60", stdin=subprocess.PIPE)
+        try:
+            url = command.wait_for(r"^(http://\S+)$").group(1)
+            assert url.startswith(f"{base_url}/authorize?"), url
+            # The dev server approves at once and redirects to the command's local server.
+            page = requests.get(url, timeout=30)
+            assert "You can close this tab" in page.text, page.text
+            output = command.finish()
+        finally:
+            command.stop()
+        assert f"Connected: {NEWCOMER} with Development server (dev)." in output, output
+        assert "(in 2 min)" in output and "SMTP login to" in output, output
+
+        assert "Sent a test message" in me.manage(*send_test)
+        assert "all sent" in me.manage("shell", "-c", SCRIPT)
+
+        summaries = [
+            f"{NEWCOMER} -> {NEWCOMER}  ",  # send_test_email
+            f"{NEWCOMER} -> reader@example.org  'Hello from a newcomer'",
+            f"{NEWCOMER} -> {ADMIN}  '[Django] Something to know'",
+            f"{NEWCOMER} -> {READER}  'Password reset on localhost'",
+        ]
+        for summary in summaries:
+            server.wait_for(re.escape(summary), timeout=30)
+    finally:
+        server.stop()
+    emls = list((me.site / "var" / "xoauth2-devserver" / "mail").glob("*.eml"))
+    assert len(emls) == 4, server.output
+    assert "Traceback" not in server.output and "Warning:" not in server.output, server.output
+
+    # docs/testing.rst's examples, in the same project, as its reader would run them.
+    testing = (DOCS / "testing.rst").read_text()
+    install_line = literal_block(testing, "need pytest and pytest-django::")
+    assert install_line == "pip install 'django-xoauth2-mail[testing]' pytest pytest-django"
+    blocks = code_blocks(testing)
+    (me.site / "pyproject.toml").write_text(blocks["pyproject.toml"])
+    (me.site / "conftest.py").write_text(blocks["conftest.py"])
+    (me.site / "test_mail.py").write_text(
+        blocks["test_mail.py"] + "\n\n" + blocks["test_mail.py (continued)"]
+    )
+    output = me.run(me.venv / "bin" / "pytest", "-p", "no:cacheprovider", "-W", "error")
+    assert re.search(r"\b2 passed\b", output) and "failed" not in output, output
