@@ -489,6 +489,7 @@ def test_microsoft_uses_the_device_flow_by_default(microsoft_servers):
     assert_no_tokens(output)
 
 
+@pytest.mark.slow
 def test_device_sign_in_refused(microsoft_servers):
     server, _ = microsoft_servers
     run = connect("microsoft", "--device")
