@@ -5,8 +5,9 @@ repository's wheel installed with its ``[testing]`` extra into a new virtual env
 the settings that docs/quickstart.rst gives for the development server, ``check``,
 ``migrate``, ``xoauth2_devserver``, ``connect_mailbox dev --no-browser``, then
 ``send_test_email``, ``send_mail()``, ``mail_admins()`` and a password reset through
-Django's own views, and the pytest examples of docs/testing.rst, all with warnings as
-errors. It needs PyPI (pip reuses its cache) and takes a minute or two: it is ``slow``.
+Django's own views, and the pytest examples of docs/testing.rst, every warning an error
+(pending deprecations are collected and reported instead). It needs PyPI (pip reuses its
+cache) and takes a minute or two: it is ``slow``.
 """
 
 from __future__ import annotations
@@ -439,6 +440,8 @@ def test_a_newcomer_following_the_docs(tmp_path: Path) -> None:
         server.stop()
     emls = list((me.site / "var" / "xoauth2-devserver" / "mail").glob("*.eml"))
     assert len(emls) == 4, server.output
+    reset = [eml.read_text() for eml in emls if f"To: {READER}" in eml.read_text()]
+    assert len(reset) == 1 and "/accounts/reset/" in reset[0], server.output
     assert "Traceback" not in server.output, server.output
     me.check_warnings("xoauth2_devserver", server.output)
 
