@@ -72,3 +72,7 @@ else:
     EMAIL_BACKEND = "django_xoauth2_mail.backends.EmailBackend"
 DEFAULT_FROM_EMAIL = "sender@example.com"
 XOAUTH2_MAIL: dict[str, object] = {"PROVIDERS": {}}
+
+# Django's default hasher costs about a second per user on a busy CI machine, and many
+# tests create staff users; what is under test here is not password hashing.
+PASSWORD_HASHERS = ["django.contrib.auth.hashers.MD5PasswordHasher"]

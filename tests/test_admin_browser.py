@@ -25,7 +25,7 @@ from django.test.utils import override_settings
 from django_xoauth2_mail.models import Mailbox, MailboxStatus
 from tests.conftest import SENDER, make_mailbox
 
-pytestmark = [pytest.mark.browser, pytest.mark.django_db(transaction=True)]
+pytestmark = [pytest.mark.browser, pytest.mark.slow, pytest.mark.django_db(transaction=True)]
 
 CHROMIUM = "/usr/bin/chromium"
 CHROMIUM_ARGS = [

@@ -12,11 +12,14 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from benchmarks.run import HEADER
 
 ROOT = Path(__file__).resolve().parent.parent
 
 
+@pytest.mark.slow
 def test_quick_benchmark_runs_and_delivers_every_message_once() -> None:
     environment = {**os.environ, "PYTHONPATH": str(ROOT)}
     # The benchmark chooses its own settings module; pytest-django's must not leak in.

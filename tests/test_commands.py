@@ -473,6 +473,7 @@ def microsoft_servers(settings: Any, tls_certificate: tuple[str, str]) -> Iterat
         yield server, smtp
 
 
+@pytest.mark.slow
 def test_microsoft_uses_the_device_flow_by_default(microsoft_servers):
     server, smtp = microsoft_servers
     run = connect("microsoft")
@@ -491,6 +492,7 @@ def test_microsoft_uses_the_device_flow_by_default(microsoft_servers):
     assert_no_tokens(output)
 
 
+@pytest.mark.slow
 def test_device_sign_in_refused(microsoft_servers):
     server, _ = microsoft_servers
     run = connect("microsoft", "--device")
@@ -502,6 +504,7 @@ def test_device_sign_in_refused(microsoft_servers):
     assert not Mailbox.objects.exists()
 
 
+@pytest.mark.slow
 def test_device_sign_in_times_out(microsoft_servers):
     run = Run("connect_mailbox", "microsoft", "--timeout", "1.5")
     error = run.failure()
@@ -524,6 +527,7 @@ def test_microsoft_loopback_on_request(microsoft_servers, tls_certificate):
     assert "SMTP login to" in run.finish()
 
 
+@pytest.mark.slow
 def test_oauth2_device_flow(provider_settings, oauth2_server):
     oauth2_server.device_code_interval = 1
     run = connect("oauth2", "--device")
@@ -713,6 +717,7 @@ def first_url_line(process: subprocess.Popen[str]) -> str:
     raise AssertionError(f"no URL; stderr:\n{process.stderr.read() if process.stderr else ''}")
 
 
+@pytest.mark.slow
 def test_subprocess_opens_the_browser(tmp_path, auto_approving):
     # webbrowser runs $BROWSER with the URL; this one behaves like a browser would.
     browser = tmp_path / "browser"
@@ -737,6 +742,7 @@ def test_subprocess_opens_the_browser(tmp_path, auto_approving):
     assert_no_tokens(stdout + stderr)
 
 
+@pytest.mark.slow
 def test_subprocess_paste_and_exit_status(tmp_path, auto_approving):
     process = manage(tmp_path, auto_approving, "connect_mailbox", "oauth2", "--email", SENDER,
                      "--no-browser", "--timeout", "30", stdin=subprocess.PIPE)  # fmt: skip
@@ -758,6 +764,7 @@ def test_subprocess_paste_and_exit_status(tmp_path, auto_approving):
     assert Mailbox.objects.get().email == SENDER
 
 
+@pytest.mark.slow
 def test_subprocess_ctrl_c(tmp_path, auto_approving):
     process = manage(tmp_path, auto_approving, "connect_mailbox", "oauth2", "--no-browser",
                      "--timeout", "30", stdin=subprocess.PIPE)  # fmt: skip

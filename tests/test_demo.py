@@ -30,6 +30,7 @@ DEMO_SCRIPT = ROOT / "scripts" / "demo"
 @pytest.mark.skipif(
     bool(os.environ.get("XOAUTH2_MAIL_SKIP_DEMO")), reason="XOAUTH2_MAIL_SKIP_DEMO is set"
 )
+@pytest.mark.slow
 def test_scripts_demo(tmp_path: Path) -> None:
     var_dir = tmp_path / "var"
     env = dict(os.environ, EXAMPLE_VAR_DIR=str(var_dir), NO_COLOR="1")

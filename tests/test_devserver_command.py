@@ -264,6 +264,7 @@ def test_a_token_for_another_account_is_refused(devserver: Devserver) -> None:
     assert smtp_auth(devserver.smtp_port, tokens["access_token"], "other@example.com")[0] == 535
 
 
+@pytest.mark.slow
 def test_expired_token_is_refused_and_refresh_rotates(tmp_path: Path) -> None:
     with running_devserver(tmp_path, "--token-lifetime", "1") as server:
         assert "expire after 1 s" in server.stdout.getvalue()
@@ -391,6 +392,7 @@ def wait_until_ready(process: subprocess.Popen[str]) -> str:
     raise AssertionError(f"exited {process.wait()}: {''.join(lines)} {process.communicate()}")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
 def test_a_signal_stops_it_cleanly(tmp_path: Path, signum: int) -> None:
     oauth_port, smtp_port = free_ports(2)
@@ -409,6 +411,7 @@ def test_a_signal_stops_it_cleanly(tmp_path: Path, signum: int) -> None:
         pass
 
 
+@pytest.mark.slow
 def test_restart_keeps_issued_tokens(tmp_path: Path) -> None:
     oauth_port, smtp_port = free_ports(2)
     options = ["--oauth-port", str(oauth_port), "--smtp-port", str(smtp_port)]
@@ -432,6 +435,7 @@ def test_restart_keeps_issued_tokens(tmp_path: Path) -> None:
     assert (tmp_path / "s.json").is_file()
 
 
+@pytest.mark.slow
 def test_non_loopback_host_is_refused(tmp_path: Path) -> None:
     process = start_process("--host", "0.0.0.0", "--maildir", str(tmp_path))
     stdout, stderr = process.communicate(timeout=20)
@@ -440,6 +444,7 @@ def test_non_loopback_host_is_refused(tmp_path: Path) -> None:
     assert stdout == ""
 
 
+@pytest.mark.slow
 def test_a_busy_port_is_reported_with_what_to_do(tmp_path: Path) -> None:
     with socket.socket() as busy:
         busy.bind(("127.0.0.1", 0))

@@ -21,6 +21,7 @@ from tests.conftest import SENDER
 pytestmark = pytest.mark.django_db(transaction=True)
 
 
+@pytest.mark.slow
 def test_32_threads_times_50_messages_arrive_once_with_one_refresh(
     mailbox, xoauth2_smtp_server, oauth2_server
 ):
@@ -73,6 +74,7 @@ print("done", flush=True)
 """
 
 
+@pytest.mark.slow
 def test_a_process_killed_while_refreshing_releases_the_lock(mailbox, oauth2_server):
     """The refresh lock is a database lock: it dies with the process holding it."""
     oauth2_server.rotate_refresh_tokens = False  # see docs/architecture.rst on rotation

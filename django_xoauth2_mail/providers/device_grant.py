@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import Any, Protocol
 
 import requests
 from django.utils import timezone
@@ -71,9 +71,22 @@ def start(url: str, scopes: Sequence[str], client_auth: Mapping[str, str]) -> De
     )
 
 
+class Clock(Protocol):
+    """Where polling reads the time and waits: the ``time`` module, or a test's own."""
+
+    def monotonic(self) -> float: ...
+
+    def sleep(self, seconds: float, /) -> None: ...
+
+
 @sensitive_variables()
 def poll(
-    token_url: str, flow: DeviceFlow, client_auth: Mapping[str, str], *, timeout: float
+    token_url: str,
+    flow: DeviceFlow,
+    client_auth: Mapping[str, str],
+    *,
+    timeout: float,
+    clock: Clock = time,
 ) -> dict[str, Any]:
     """Poll the token endpoint until the person approved; return its token response.
 
@@ -82,11 +95,11 @@ def poll(
     passed), or TokenEndpointError for any other refusal.
     """
     seconds_left = (flow.expires_at - timezone.now()).total_seconds()
-    deadline = time.monotonic() + min(timeout, seconds_left)
+    deadline = clock.monotonic() + min(timeout, seconds_left)
     interval = float(flow.state.get("interval", DEFAULT_INTERVAL))
     data = {"grant_type": GRANT_TYPE, "device_code": str(flow.state["device_code"])}
-    while time.monotonic() + interval <= deadline:
-        time.sleep(interval)
+    while clock.monotonic() + interval <= deadline:
+        clock.sleep(interval)
         try:
             status, payload = _post(token_url, data | dict(client_auth))
         except TokenEndpointError as exc:

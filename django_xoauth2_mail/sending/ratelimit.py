@@ -12,26 +12,44 @@ import collections
 import os
 import time
 from collections.abc import Hashable
+from typing import Protocol
 
 WINDOW = 60.0
 
 
+class Clock(Protocol):
+    """Where a limiter reads the time and waits. Tests pass a virtual one."""
+
+    def monotonic(self) -> float: ...
+
+    async def sleep(self, seconds: float) -> None: ...
+
+
+class SystemClock:
+    def monotonic(self) -> float:
+        return time.monotonic()
+
+    async def sleep(self, seconds: float) -> None:
+        await asyncio.sleep(seconds)
+
+
 class SlidingWindowLimiter:
-    def __init__(self, per_minute: int) -> None:
+    def __init__(self, per_minute: int, clock: Clock | None = None) -> None:
         self.per_minute = per_minute
+        self.clock = clock or SystemClock()
         self._starts: collections.deque[float] = collections.deque()
         self._lock = asyncio.Lock()
 
     async def wait(self) -> None:
         async with self._lock:  # first come, first served
             while True:
-                now = time.monotonic()
+                now = self.clock.monotonic()
                 while self._starts and now - self._starts[0] >= WINDOW:
                     self._starts.popleft()
                 if len(self._starts) < self.per_minute:
                     self._starts.append(now)
                     return
-                await asyncio.sleep(WINDOW - (now - self._starts[0]))
+                await self.clock.sleep(WINDOW - (now - self._starts[0]))
 
     def __repr__(self) -> str:
         return f"<SlidingWindowLimiter {self.per_minute}/min>"

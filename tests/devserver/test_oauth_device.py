@@ -102,6 +102,7 @@ def test_pending_until_decided_then_slow_down_when_polling_too_fast(oauth2_serve
     assert_error(poll(oauth2_server, flow["device_code"]), "slow_down")
 
 
+@pytest.mark.slow
 def test_polling_at_the_interval_is_not_slowed_down(oauth2_server):
     oauth2_server.device_code_interval = 1
     flow = start(oauth2_server)
@@ -132,6 +133,7 @@ def test_test_controls_approve_and_deny(oauth2_server):
     assert not oauth2_server.deny_device_code("BCDF-GHJK")
 
 
+@pytest.mark.slow
 def test_expired_device_code(oauth2_server):
     oauth2_server.device_code_lifetime = 1
     flow = start(oauth2_server)
@@ -204,6 +206,7 @@ def test_msal_device_flow_through_the_tenant_alias(tls_certificate):
         assert devicecode_paths == ["/common/oauth2/v2.0/token"]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("decision", ["deny", "expire"])
 def test_msal_sees_the_refusal(tls_certificate, decision):
     certfile, keyfile = tls_certificate

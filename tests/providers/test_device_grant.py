@@ -14,6 +14,7 @@ from django_xoauth2_mail.providers import base, device_grant
 from django_xoauth2_mail.providers.base import TokenEndpointError
 from django_xoauth2_mail.testing import OAuth2Server
 from django_xoauth2_mail.testing.fixtures import TEST_CLIENT_ID, TEST_CLIENT_SECRET
+from tests.clocks import VirtualClock
 
 AUTH = {"client_id": TEST_CLIENT_ID, "client_secret": TEST_CLIENT_SECRET}
 SCOPES = ["openid", "email", "https://mail.google.com/"]
@@ -38,7 +39,9 @@ def test_approved(server):
     assert "device_code" not in repr(flow)  # DeviceFlow.state is kept out of reprs
 
     server.approve_device_code(flow.user_code, EMAIL)
-    payload = device_grant.poll(server.token_url, flow, AUTH, timeout=10)
+    clock = VirtualClock()
+    payload = device_grant.poll(server.token_url, flow, AUTH, timeout=10, clock=clock)
+    assert clock.sleeps == [1.0]  # the server's interval, before the first request
     result = device_grant.consent_result(payload, EMAIL)
 
     assert server.validate_access_token(EMAIL, result.access_token)
@@ -51,17 +54,31 @@ def test_denied(server):
     flow = device_grant.start(server.device_authorization_url, SCOPES, AUTH)
     server.deny_device_code(flow.user_code)
     with pytest.raises(base.DeviceFlowDenied, match="refused .+ \\(access_denied\\)"):
-        device_grant.poll(server.token_url, flow, AUTH, timeout=10)
+        device_grant.poll(server.token_url, flow, AUTH, timeout=10, clock=VirtualClock())
 
 
 def test_our_timeout(server):
     flow = device_grant.start(server.device_authorization_url, SCOPES, AUTH)
+    clock = VirtualClock()
     with pytest.raises(base.DeviceFlowExpired, match="nobody entered the code") as caught:
-        device_grant.poll(server.token_url, flow, AUTH, timeout=1.5)
+        device_grant.poll(server.token_url, flow, AUTH, timeout=1.5, clock=clock)
     assert not caught.value.retryable
     assert server.token_request_count == 1  # it polled at the interval, then gave up
+    assert clock.sleeps == [1.0]  # a second wait would end past the 1.5 s
 
 
+def test_slow_down_adds_five_seconds_for_good(server):
+    """RFC 8628 section 3.5. On a virtual clock every poll reaches the server at once,
+    so from the second one on the server asks to slow down, each time by 5 s more."""
+    flow = device_grant.start(server.device_authorization_url, SCOPES, AUTH)
+    clock = VirtualClock()
+    with pytest.raises(base.DeviceFlowExpired):
+        device_grant.poll(server.token_url, flow, AUTH, timeout=20, clock=clock)
+    assert clock.sleeps == [1.0, 1.0, 6.0, 11.0]  # the next, 16 s, would end past 20 s
+    assert server.token_request_count == 4
+
+
+@pytest.mark.slow
 def test_the_servers_expired_token(server):
     server.device_code_interval, server.device_code_lifetime = 2, 1
     flow = device_grant.start(server.device_authorization_url, SCOPES, AUTH)
@@ -77,15 +94,17 @@ def test_unreachable_token_endpoint_backs_off_until_the_deadline(server):
         closed.bind(("127.0.0.1", 0))
         dead_url = f"http://127.0.0.1:{closed.getsockname()[1]}/token"
     flow = device_grant.start(server.device_authorization_url, SCOPES, AUTH)
+    clock = VirtualClock()
     with pytest.raises(base.DeviceFlowExpired):
-        device_grant.poll(dead_url, flow, AUTH, timeout=2.5)  # 1 s, then 2 s would pass it
+        device_grant.poll(dead_url, flow, AUTH, timeout=7.5, clock=clock)
+    assert clock.sleeps == [1.0, 2.0, 4.0]  # doubled after each failure; 8 s would pass 7.5
 
 
 def test_other_refusals_stop_polling(server):
     flow = device_grant.start(server.device_authorization_url, SCOPES, AUTH)
     wrong = {"client_id": TEST_CLIENT_ID, "client_secret": "wrong"}
     with pytest.raises(TokenEndpointError, match="refused the device code \\(invalid_client"):
-        device_grant.poll(server.token_url, flow, wrong, timeout=10)
+        device_grant.poll(server.token_url, flow, wrong, timeout=10, clock=VirtualClock())
 
 
 def test_start_failures(server):

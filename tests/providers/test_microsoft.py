@@ -373,6 +373,7 @@ def test_device_flow(device_settings, device_flow_server, real_backend, microsof
     assert mail.send_mail("Hi", "Body", SENDER, ["to@example.org"]) == 1
 
 
+@pytest.mark.slow
 def test_device_flow_waits_for_the_person(device_settings, device_flow_server):
     provider = MicrosoftProvider(device_settings)
     flow = provider.start_device_flow()

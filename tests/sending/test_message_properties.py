@@ -85,6 +85,7 @@ def build(fields: dict[str, Any]) -> EmailMessage:
     return message
 
 
+@pytest.mark.slow
 def test_generated_messages_match_djangos_bytes(
     real_backend, oauth2_settings, oauth2_server, xoauth2_smtp_server
 ):

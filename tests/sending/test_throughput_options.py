@@ -16,6 +16,7 @@ from django_xoauth2_mail.exceptions import ConfigurationError
 from django_xoauth2_mail.sending import ratelimit
 from django_xoauth2_mail.sending.loop import mail_loop
 from django_xoauth2_mail.sending.pool import pool
+from tests.clocks import AsyncVirtualClock
 from tests.conftest import SENDER
 
 pytestmark = pytest.mark.django_db(transaction=True)
@@ -124,20 +125,36 @@ def test_rate_limit_spaces_messages_per_mailbox(monkeypatch, mailbox, xoauth2_sm
     assert (times[4] - times[0]).total_seconds() >= 0.5
 
 
-def test_sliding_window_limiter_admits_at_most_n_per_window(monkeypatch):
-    monkeypatch.setattr(ratelimit, "WINDOW", 0.3)
-    limiter = ratelimit.SlidingWindowLimiter(3)
+def test_sliding_window_limiter_admits_at_most_n_per_window():
+    clock = AsyncVirtualClock()
+    limiter = ratelimit.SlidingWindowLimiter(3, clock=clock)
 
     async def starts() -> list[float]:
         result = []
         for _ in range(7):
             await limiter.wait()
-            result.append(time.monotonic())
+            result.append(clock.now)
         return result
 
-    stamps = asyncio.run(starts())
-    for first, fourth in zip(stamps, stamps[3:], strict=False):
-        assert fourth - first >= 0.29
+    assert asyncio.run(starts()) == [0, 0, 0, 60, 60, 60, 120]
+    assert clock.sleeps == [60, 60]
+
+
+def test_the_window_slides():
+    """Three starts at 0, 20 and 40 s: the fourth waits for 60 s, the fifth for 80 s."""
+    clock = AsyncVirtualClock()
+    limiter = ratelimit.SlidingWindowLimiter(3, clock=clock)
+
+    async def starts() -> list[float]:
+        result = []
+        for at in (0, 20, 40, None, None):
+            clock.now = clock.now if at is None else at
+            await limiter.wait()
+            result.append(clock.now)
+        return result
+
+    assert asyncio.run(starts()) == [0, 20, 40, 60, 80]
+    assert clock.sleeps == [20, 20]
 
 
 def test_a_batch_costs_no_database_write_per_message(mailbox, xoauth2_smtp_server):

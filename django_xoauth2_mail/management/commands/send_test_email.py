@@ -50,13 +50,11 @@ class Command(BaseCommand):
         )
         # Held open across the send, so the session can tell which mechanism it used.
         backend = EmailBackend(mailbox=mailbox.email)
-        message = EmailMessage(
-            options["subject"], body, from_email=mailbox.email, to=recipients,
-            connection=backend,
-        )  # fmt: skip
+        # Handed to the backend directly: EmailMessage(connection=...) is deprecated on 6.1.
+        message = EmailMessage(options["subject"], body, from_email=mailbox.email, to=recipients)
         backend.open()
         try:
-            message.send()
+            backend.send_messages([message])
             mechanism = ", ".join(sorted(backend.dispatcher.sasl_mechanisms)) or "OAuth2"
         except XOAuth2MailError as exc:
             hint = unreachable_hint(mailbox, exc)
