@@ -34,6 +34,11 @@ DEFAULTS: dict[str, Any] = {
     "SMTP_RETRY_DELAYS": (1.0, 5.0),
     # Security "none" sends tokens in clear: only to loopback unless this is True.
     "ALLOW_INSECURE_SMTP": False,
+    # Seconds one message waits for its mailbox's shared limits (a session slot
+    # under MAX_SESSIONS, room under RATE_LIMIT) before failing for now.
+    "LIMIT_WAIT": 120.0,
+    # Seconds a session slot stays taken after its process stopped renewing it.
+    "SESSION_LEASE": 60.0,
 }
 
 
@@ -92,6 +97,14 @@ class Settings:
     @property
     def ALLOW_INSECURE_SMTP(self) -> bool:
         return bool(self.get("ALLOW_INSECURE_SMTP"))
+
+    @property
+    def LIMIT_WAIT(self) -> float:
+        return float(self.get("LIMIT_WAIT"))
+
+    @property
+    def SESSION_LEASE(self) -> float:
+        return float(self.get("SESSION_LEASE"))
 
 
 conf = Settings()

@@ -126,6 +126,11 @@ class SMTPConnectionFailed(SendError):
     """The SMTP server could not be reached, or the TLS handshake failed."""
 
 
+class SendingLimitReached(SendError):
+    """A mailbox's shared limit (``MAX_SESSIONS`` or ``RATE_LIMIT``) left no room
+    within ``LIMIT_WAIT``. Temporary: nothing was sent past it; try again later."""
+
+
 def _rebuild(cls: type[SendError], message: str, state: dict[str, Any]) -> SendError:
     error = cls.__new__(cls)
     Exception.__init__(error, message)
