@@ -94,6 +94,8 @@ class SendingLease(models.Model):
     class Kind(models.TextChoices):
         SESSION = "session", _("SMTP session slot")
         SEND = "send", _("send permit")
+        # Number 0 only: someone waits for a session slot (idle kept-alive sessions yield).
+        DEMAND = "demand", _("session slot wanted")
 
     # No database constraint: a lease is written on its own connection, which must
     # not wait for (or fail on) a Mailbox row that the caller's open transaction holds.

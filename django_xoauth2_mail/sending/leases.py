@@ -14,6 +14,7 @@ These functions block: call them from limits.py's executor, never on the loop.
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -95,3 +96,30 @@ def renew(held: Iterable[tuple[int, str]], seconds: float) -> set[str]:
     if rows.update(expires_at=Now() + dt.timedelta(seconds=seconds)) == len(holders):
         return holders
     return set(rows.values_list("holder", flat=True))
+
+
+def want(mailbox_id: int, seconds: float) -> None:
+    """Say, for ``seconds``, that a process waits for one of this mailbox's session slots."""
+    demand = _leases().filter(mailbox_id=mailbox_id, kind=SendingLease.Kind.DEMAND, number=0)
+    if demand.update(expires_at=Now() + dt.timedelta(seconds=seconds)):
+        return
+    with contextlib.suppress(IntegrityError):  # another waiter said it at the same moment
+        _leases().create(
+            mailbox_id=mailbox_id,
+            kind=SendingLease.Kind.DEMAND,
+            number=0,
+            expires_at=Now() + dt.timedelta(seconds=seconds),
+        )
+
+
+def wanted(mailbox_ids: Iterable[int]) -> set[int]:
+    """The mailboxes, among these, for which some process waits for a session slot."""
+    return set(
+        _leases()
+        .filter(
+            mailbox_id__in=list(mailbox_ids),
+            kind=SendingLease.Kind.DEMAND,
+            expires_at__gt=Now(),
+        )
+        .values_list("mailbox_id", flat=True)
+    )

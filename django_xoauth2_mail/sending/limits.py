@@ -56,6 +56,9 @@ WINDOW = 60.0
 SEND_HOLD = 600.0
 # Longest pause between two polls of the database while waiting.
 MAX_POLL = 2.0
+# A process waiting for a session slot says so for this long, again while it waits;
+# processes holding an idle kept-alive session of that mailbox then close it.
+DEMAND_TTL = 5.0
 SESSION, SEND = SendingLease.Kind.SESSION.value, SendingLease.Kind.SEND.value
 
 _HOST = socket.gethostname()[:24]
@@ -137,7 +140,7 @@ class MailboxLimits:
         if not await _acquire(self._slots, deadline):
             raise self._sessions_full(budget)
         try:
-            pause = 0.05
+            pause, said_at = 0.05, -DEMAND_TTL
             while True:
                 started = time.monotonic()
                 args = (SESSION, self.max_sessions, holder, lease_seconds)
@@ -152,10 +155,19 @@ class MailboxLimits:
                 if remaining <= 0:
                     raise self._sessions_full(budget)
                 logger.debug("%s waits for a session slot (MAX_SESSIONS)", self.email)
+                if time.monotonic() - said_at > DEMAND_TTL / 2:
+                    said_at = time.monotonic()
+                    await self._say_wanted()
                 await self._slot_freed_or(min(pause * random.uniform(1.0, 1.5), remaining))
                 pause = min(pause * 2, MAX_POLL)
         finally:
             self._slots.release()
+
+    async def _say_wanted(self) -> None:
+        try:
+            await _db(leases.want, self.mailbox_id, DEMAND_TTL)
+        except DatabaseError as exc:  # only idle sessions elsewhere closing later
+            logger.info("Could not ask for a session slot of %s: %s", self.email, exc)
 
     async def _slot_freed_or(self, timeout: float) -> None:
         """Sleep ``timeout``, or less when this process gives back a slot (others'
@@ -327,3 +339,13 @@ def limits_for(mailbox_id: int, email: str, provider_id: str) -> MailboxLimits |
     if key not in _registry:
         _registry[key] = MailboxLimits(mailbox_id, email, rate_limit, max_sessions)
     return _registry[key]
+
+
+async def slots_wanted(mailbox_ids: set[int]) -> set[int]:
+    """Which of these mailboxes some process waits a session slot for (for the pool:
+    its idle sessions of those mailboxes close and give their slots back)."""
+    try:
+        return await _db(leases.wanted, mailbox_ids)
+    except DatabaseError as exc:
+        logger.info("Could not check who waits for session slots: %s", exc)
+        return set()

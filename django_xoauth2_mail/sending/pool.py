@@ -16,16 +16,21 @@ from collections.abc import Callable, Hashable
 
 import aiosmtplib
 
+from django_xoauth2_mail.sending.limits import slots_wanted
 from django_xoauth2_mail.sending.loop import mail_loop
 from django_xoauth2_mail.sending.session import SMTPSession
 
 # After this many idle seconds a session is checked with NOOP before reuse.
 CHECK_AFTER_IDLE = 15.0
+# How often idle sessions holding a shared session slot (MAX_SESSIONS) check whether
+# another process waits for one: if so they close, giving their slots back.
+DEMAND_POLL = 1.0
 
 
 class SessionPool:
     def __init__(self) -> None:
         self._idle: dict[Hashable, list[tuple[SMTPSession, float, asyncio.TimerHandle]]] = {}
+        self._watch: asyncio.Task[None] | None = None
 
     async def acquire(self, key: Hashable, new_session: Callable[[], SMTPSession]) -> SMTPSession:
         idle = self._idle.get(key, [])
@@ -43,6 +48,29 @@ class SessionPool:
         loop = asyncio.get_running_loop()
         expiry = loop.call_later(idle_timeout, self._expire, key, session)
         self._idle.setdefault(key, []).append((session, time.monotonic(), expiry))
+        watch = self._watch
+        stopped = watch is None or watch.done() or watch.get_loop() is not loop
+        if session.lease is not None and stopped:
+            self._watch = loop.create_task(self._give_back_wanted_slots())
+
+    async def _give_back_wanted_slots(self) -> None:
+        while True:
+            await asyncio.sleep(DEMAND_POLL)
+            holding = {
+                session.limits.mailbox_id: key
+                for key, entries in self._idle.items()
+                for session, _, _ in entries
+                if session.lease is not None and session.limits is not None
+            }
+            if not holding:
+                return
+            for mailbox_id in await slots_wanted(set(holding)):
+                key = holding[mailbox_id]
+                entries = self._idle.get(key, [])
+                self._idle[key] = [entry for entry in entries if entry[0].lease is None]
+                for session, _, expiry in set(entries) - set(self._idle[key]):
+                    expiry.cancel()
+                    await session.close()
 
     def _expire(self, key: Hashable, session: SMTPSession) -> None:
         entries = self._idle.get(key, [])

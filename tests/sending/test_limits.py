@@ -150,6 +150,34 @@ def test_a_kept_alive_session_keeps_its_slot_renewed_until_closed(
     assert leases.try_take(mailbox.pk, "session", 1, OTHER, 60).number == 0
 
 
+def test_an_idle_kept_alive_session_gives_its_slot_to_a_waiting_process(
+    capped, mailbox, xoauth2_smtp_server
+):
+    capped["PROVIDERS"]["oauth2"]["MAX_SESSIONS"] = 1
+    assert EmailBackend(keep_alive=60).send_messages(batch(1)) == 1
+    assert leases.try_take(mailbox.pk, "session", 1, OTHER, 60).number is None
+
+    leases.want(mailbox.pk, 30)  # another process waits for the slot
+
+    deadline = time.monotonic() + 15
+    while leases.try_take(mailbox.pk, "session", 1, OTHER, 60).number is None:
+        assert time.monotonic() < deadline, "the idle session kept its slot"
+        time.sleep(0.1)
+    assert pool.idle_count() == 0
+
+
+def test_a_waiting_send_asks_idle_sessions_elsewhere_for_a_slot(
+    capped, mailbox, xoauth2_smtp_server
+):
+    capped["LIMIT_WAIT"] = 0.3
+    held_elsewhere(mailbox, "session", 2, 60)
+
+    with pytest.raises(SendingLimitReached):
+        EmailBackend().send_messages(batch(1))
+
+    assert leases.wanted([mailbox.pk]) == {mailbox.pk}
+
+
 def test_a_session_that_lost_its_slot_takes_another(capped, mailbox, xoauth2_smtp_server):
     capped["SESSION_LEASE"] = 0.6
     assert EmailBackend(keep_alive=30).send_messages(batch(1)) == 1
