@@ -24,6 +24,7 @@ a small thread pool of its own, never on the mail loop.
 from __future__ import annotations
 
 import asyncio
+import atexit
 import concurrent.futures
 import contextlib
 import functools
@@ -38,7 +39,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
-from django.db import DatabaseError, ProgrammingError, close_old_connections
+from django.db import Error as DatabaseError
+from django.db import ProgrammingError, close_old_connections
 
 from django_xoauth2_mail.conf import conf
 from django_xoauth2_mail.exceptions import SendError, SendingLimitReached
@@ -83,9 +85,11 @@ class SessionLease:
         return not self.lost and time.monotonic() < self.valid_until
 
     async def release(self) -> None:
-        _renewer().discard(self)
         try:
             await _db(leases.release, self.limits.mailbox_id, SESSION, self.number, self.holder)
+        except RuntimeError:  # at exit, the thread pool takes no more work
+            _renewer().at_exit.append(self)  # given back by _give_back_at_exit
+            return
         except DatabaseError as exc:
             logger.warning(
                 "Could not give back a session slot of %s (%s); it frees itself within %g s",
@@ -93,6 +97,7 @@ class SessionLease:
                 exc,
                 conf.SESSION_LEASE,
             )
+        _renewer().discard(self)
         self.limits.slot_freed.set()
 
 
@@ -259,6 +264,7 @@ class _Renewer:
         self._leases: weakref.WeakSet[SessionLease] = weakref.WeakSet()
         self._task: asyncio.Task[None] | None = None
         self._period = 0.0
+        self.at_exit: list[SessionLease] = []
 
     def add(self, lease: SessionLease) -> None:
         self._leases.add(lease)
@@ -283,7 +289,7 @@ class _Renewer:
             pairs = [(lease.limits.mailbox_id, lease.holder) for lease in held]
             try:
                 kept = await _db(leases.renew, pairs, seconds)
-            except DatabaseError as exc:
+            except Exception as exc:  # keep renewing; sessions whose slot lapses stop
                 logger.warning("Could not renew %d session slot(s): %s", len(held), exc)
                 continue
             for lease in held:
@@ -292,6 +298,17 @@ class _Renewer:
                 else:  # expired and maybe taken: its session must stop and take another
                     lease.lost = True
                     self._leases.discard(lease)
+
+    def give_back_all(self) -> None:
+        """At exit, in the main thread: the sessions are closed (or about to die with
+        the process), so their slots need not wait SESSION_LEASE to free."""
+        for lease in [*self.at_exit, *self._leases]:
+            args = (lease.limits.mailbox_id, SESSION, lease.number, lease.holder)
+            try:
+                _with_fresh_connection(leases.release, *args)
+            except Exception as exc:  # they expire on their own
+                logger.info("Could not give back a session slot at exit: %s", exc)
+                return
 
 
 # Per process: a forked child has its own loop, threads and leases.
@@ -302,6 +319,15 @@ _registry: dict[tuple[int, int, int | None, int | None], MailboxLimits] = {}
 
 def _renewer() -> _Renewer:
     return _renewers.setdefault(os.getpid(), _Renewer())
+
+
+@atexit.register
+def _give_back_at_exit() -> None:
+    # Registered before the pool's own exit handler (pool.py imports this module),
+    # so it runs after the pool said QUIT to its sessions.
+    renewer = _renewers.get(os.getpid())
+    if renewer is not None:
+        renewer.give_back_all()
 
 
 def _executor() -> concurrent.futures.ThreadPoolExecutor:

@@ -74,3 +74,21 @@ def send_from_child(config: dict[str, Any], number: int, start: Any, turn: Any, 
         results.put(("error", number, repr(exc), second, recorder.lines))
     finally:
         connections.close_all()
+
+
+def send_kept_alive_and_exit(config: dict[str, Any]) -> None:
+    """Sends one message over a kept-alive session, then lets the process end normally."""
+    os.environ.setdefault("DJANGO_SETTINGS_MODULE", "tests.settings")
+    from django.conf import settings
+
+    settings.DATABASES["default"]["NAME"] = config["db_name"]
+    import django
+
+    django.setup()
+    settings.XOAUTH2_MAIL = config["xoauth2_mail"]
+    from django.core.mail import EmailMessage
+
+    from django_xoauth2_mail.backends import EmailBackend
+
+    message = EmailMessage("Kept", "Body", config["first"], ["to@example.org"])
+    assert EmailBackend(keep_alive=600).send_messages([message]) == 1

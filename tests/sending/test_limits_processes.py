@@ -19,7 +19,7 @@ import pytest
 
 from django_xoauth2_mail.devserver import smtp as devserver_smtp
 from django_xoauth2_mail.testing import ReceivedMessage, XOAuth2SMTPServer
-from tests.sending.limits_child import send_from_child
+from tests.sending.limits_child import send_from_child, send_kept_alive_and_exit
 
 FIRST, SECOND = "bulk@example.com", "alerts@example.com"
 PROCESSES = 4
@@ -157,3 +157,32 @@ def test_four_processes_share_the_limits_on_postgres(monkeypatch, real_backend, 
 
     assert connection.vendor == "postgresql"
     run_processes(monkeypatch, oauth2_server)
+
+
+@pytest.mark.django_db(transaction=True)
+def test_a_process_that_exits_gives_its_slots_back_at_once(
+    real_backend, oauth2_settings, oauth2_server, xoauth2_smtp_server
+):
+    from django.db import connection
+    from django.db.models.functions import Now
+
+    from django_xoauth2_mail.models import SendingLease
+    from tests.conftest import make_mailbox
+
+    oauth2_settings["PROVIDERS"]["oauth2"]["MAX_SESSIONS"] = 1
+    make_mailbox(oauth2_server, FIRST, fresh=True)
+    config = {
+        "db_name": connection.settings_dict["NAME"],
+        "first": FIRST,
+        "xoauth2_mail": oauth2_settings,
+    }
+    child = multiprocessing.get_context("spawn").Process(
+        target=send_kept_alive_and_exit, args=(config,)
+    )
+    child.start()
+    child.join(timeout=120)
+
+    assert child.exitcode == 0 and len(xoauth2_smtp_server.messages) == 1
+    # Not left to expire SESSION_LEASE (60 s) later: free now.
+    slots = SendingLease.objects.filter(kind="session")
+    assert slots.count() == 1 and slots.filter(expires_at__lte=Now(), holder="").count() == 1
