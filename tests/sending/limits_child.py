@@ -92,3 +92,24 @@ def send_kept_alive_and_exit(config: dict[str, Any]) -> None:
 
     message = EmailMessage("Kept", "Body", config["first"], ["to@example.org"])
     assert EmailBackend(keep_alive=600).send_messages([message]) == 1
+
+
+def send_kept_alive_and_stay(config: dict[str, Any], results: Any) -> None:
+    """Sends one message over a kept-alive session, says so, and waits to be killed."""
+    import time
+
+    os.environ.setdefault("DJANGO_SETTINGS_MODULE", "tests.settings")
+    from django.conf import settings
+
+    settings.DATABASES["default"]["NAME"] = config["db_name"]
+    import django
+
+    django.setup()
+    settings.XOAUTH2_MAIL = config["xoauth2_mail"]
+    from django.core.mail import EmailMessage
+
+    from django_xoauth2_mail.backends import EmailBackend
+
+    message = EmailMessage("Kept", "Body", config["first"], ["to@example.org"])
+    results.put(EmailBackend(keep_alive=600).send_messages([message]))
+    time.sleep(120)

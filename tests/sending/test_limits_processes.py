@@ -13,13 +13,18 @@ import itertools
 import multiprocessing
 import os
 import threading
+import time
 from typing import Any
 
 import pytest
 
 from django_xoauth2_mail.devserver import smtp as devserver_smtp
 from django_xoauth2_mail.testing import ReceivedMessage, XOAuth2SMTPServer
-from tests.sending.limits_child import send_from_child, send_kept_alive_and_exit
+from tests.sending.limits_child import (
+    send_from_child,
+    send_kept_alive_and_exit,
+    send_kept_alive_and_stay,
+)
 
 FIRST, SECOND = "bulk@example.com", "alerts@example.com"
 PROCESSES = 4
@@ -186,3 +191,42 @@ def test_a_process_that_exits_gives_its_slots_back_at_once(
     # Not left to expire SESSION_LEASE (60 s) later: free now.
     slots = SendingLease.objects.filter(kind="session")
     assert slots.count() == 1 and slots.filter(expires_at__lte=Now(), holder="").count() == 1
+
+
+@pytest.mark.django_db(transaction=True)
+def test_the_slot_of_a_killed_process_frees_itself(
+    real_backend, oauth2_settings, oauth2_server, xoauth2_smtp_server
+):
+    from django.core.mail import EmailMessage
+    from django.db import connection
+
+    from django_xoauth2_mail.backends import EmailBackend
+    from django_xoauth2_mail.models import Mailbox
+    from django_xoauth2_mail.sending import leases
+    from tests.conftest import make_mailbox
+
+    oauth2_settings["PROVIDERS"]["oauth2"]["MAX_SESSIONS"] = 1
+    oauth2_settings["SESSION_LEASE"] = 1.5  # below the checked minimum, to keep this short
+    oauth2_settings["LIMIT_WAIT"] = 30
+    make_mailbox(oauth2_server, FIRST, fresh=True)
+    config = {
+        "db_name": connection.settings_dict["NAME"],
+        "first": FIRST,
+        "xoauth2_mail": oauth2_settings,
+    }
+    context = multiprocessing.get_context("spawn")
+    results = context.Queue()
+    child = context.Process(target=send_kept_alive_and_stay, args=(config, results))
+    child.start()
+    try:
+        assert results.get(timeout=120) == 1
+        mailbox_id = Mailbox.objects.get(email=FIRST).pk
+        time.sleep(2)  # longer than a lease: the child's renewals keep its slot
+        assert leases.try_take(mailbox_id, "session", 1, "someone", 60).number is None
+    finally:
+        child.kill()  # SIGKILL: no exit handler gives the slot back
+        child.join(timeout=30)
+
+    message = EmailMessage("After", "Body", FIRST, ["to@example.org"])
+    assert EmailBackend().send_messages([message]) == 1  # once the lease ran out
+    assert len(xoauth2_smtp_server.messages) == 2
