@@ -188,7 +188,7 @@ class MailboxLimits:
         deadline = time.monotonic() + wait
         holder = _new_holder()
         if not await _acquire(self._permits, deadline):
-            raise self._rate_full(wait)
+            raise self._rate_full(wait, None)
         try:
             while True:
                 args = (SEND, self.rate_limit, holder, WINDOW + SEND_HOLD)
@@ -197,7 +197,7 @@ class MailboxLimits:
                     return SendPermit(self, number, holder)
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
-                    raise self._rate_full(wait)
+                    raise self._rate_full(wait, retry_in)
                 pause = min(max(retry_in, 0.01) + random.uniform(0, 0.02), remaining, MAX_POLL)
                 logger.debug("%s waits %.2f s for room under RATE_LIMIT", self.email, pause)
                 await asyncio.sleep(pause)
@@ -236,13 +236,14 @@ class MailboxLimits:
             mailbox=self.email,
         )
 
-    def _rate_full(self, wait: float) -> SendingLimitReached:
+    def _rate_full(self, wait: float, retry_in: float | None) -> SendingLimitReached:
         return SendingLimitReached(
             f"{self.email} already sent {self.rate_limit} messages in the last {WINDOW:g} s "
             f"(its provider's RATE_LIMIT, counted across every process using this "
             f"database), and no room freed within {wait:g} s. Nothing more was sent from "
             "this call; try again later, or raise XOAUTH2_MAIL['LIMIT_WAIT'].",
             mailbox=self.email,
+            retry_after=retry_in,
         )
 
 

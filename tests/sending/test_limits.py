@@ -7,6 +7,7 @@ tests/sending/test_limits_processes.py runs real processes against one server.
 from __future__ import annotations
 
 import datetime as dt
+import pickle
 import time
 from typing import Any
 
@@ -94,6 +95,9 @@ def test_send_permits_used_by_other_processes_hold_a_send_back(
     message = str(caught.value)
     assert "already sent 2 messages in the last 60 s" in message and "RATE_LIMIT" in message
     assert xoauth2_smtp_server.messages == []
+    # When room is expected, for a task queue to defer (kept across processes).
+    copy = pickle.loads(pickle.dumps(caught.value))
+    assert isinstance(copy, SendingLimitReached) and 50 < copy.retry_after <= 60
 
 
 def test_a_throttled_mailbox_does_not_hold_back_another(
