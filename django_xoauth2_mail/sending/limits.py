@@ -349,8 +349,16 @@ def _with_fresh_connection(function: Callable[..., T], *args: Any) -> T:
 
 
 async def _db(function: Callable[..., T], *args: Any) -> T:
-    """Run ``function`` in a thread of its own connection: autocommit, outside any
-    transaction of the caller (whose thread is blocked waiting for the mail loop)."""
+    """Run ``function`` in a thread on a connection of its own, in autocommit.
+
+    Not on the caller's connection, unlike other ORM work of a send: limit rows are
+    shared state, which other processes must see at once and which must not roll
+    back with the caller's transaction. This cannot deadlock on PostgreSQL: the
+    caller's transaction never locks a SendingLease row, and the table has no
+    foreign-key constraint that would make an insert wait for the Mailbox row. On
+    SQLite a caller's transaction that has written holds the one write lock: the
+    wait ends in SendingLimitReached after SQLite's busy timeout.
+    """
     call = functools.partial(_with_fresh_connection, function, *args)
     return await asyncio.get_running_loop().run_in_executor(_executor(), call)
 
