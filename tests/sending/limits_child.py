@@ -66,7 +66,10 @@ def send_from_child(config: dict[str, Any], number: int, start: Any, turn: Any, 
             for n in range(config["per_process"])
         ]
         start.wait(timeout=120)
-        sent = EmailBackend(max_connections=3).send_messages(messages)
+        if config["keep_alive"]:  # like a web worker: one message a call, sessions kept
+            sent = sum(EmailBackend(keep_alive=60).send_messages([m]) for m in messages)
+        else:  # like a bulk job: one batch over up to three sessions
+            sent = EmailBackend(max_connections=3).send_messages(messages)
         if helper is not None:
             helper.join(timeout=180)
         results.put(("ok", number, sent, second, recorder.lines))

@@ -73,7 +73,7 @@ def counting_protocol(counter: SessionCounter) -> type[Any]:
     return CountingProtocol
 
 
-def run_processes(monkeypatch: Any, oauth2_server: Any) -> None:
+def run_processes(monkeypatch: Any, oauth2_server: Any, keep_alive: bool) -> None:
     from django.db import connection
 
     from tests.conftest import make_mailbox
@@ -97,6 +97,7 @@ def run_processes(monkeypatch: Any, oauth2_server: Any) -> None:
             "second": SECOND,
             "per_process": PER_PROCESS,
             "second_senders": SECOND_SENDERS,
+            "keep_alive": keep_alive,
             "xoauth2_mail": {
                 "PROVIDERS": {
                     "oauth2": {
@@ -146,9 +147,15 @@ def run_processes(monkeypatch: Any, oauth2_server: Any) -> None:
     assert max(second) < max(first)
 
 
+# Batches over several sessions (a bulk job), or one message a call over kept-alive
+# sessions (web workers: idle sessions elsewhere give their slots to a waiting one).
+MODES = pytest.mark.parametrize("keep_alive", [False, True], ids=["batches", "keep_alive"])
+
+
+@MODES
 @pytest.mark.django_db(transaction=True)
-def test_four_processes_share_the_limits(monkeypatch, real_backend, oauth2_server):
-    run_processes(monkeypatch, oauth2_server)
+def test_four_processes_share_the_limits(monkeypatch, real_backend, oauth2_server, keep_alive):
+    run_processes(monkeypatch, oauth2_server, keep_alive)
 
 
 @pytest.mark.postgres
@@ -156,12 +163,15 @@ def test_four_processes_share_the_limits(monkeypatch, real_backend, oauth2_serve
     not os.environ.get("XOAUTH2_MAIL_TEST_POSTGRES"),
     reason="needs PostgreSQL: set XOAUTH2_MAIL_TEST_POSTGRES=1 and PGHOST/PGPORT/PGUSER",
 )
+@MODES
 @pytest.mark.django_db(transaction=True)
-def test_four_processes_share_the_limits_on_postgres(monkeypatch, real_backend, oauth2_server):
+def test_four_processes_share_the_limits_on_postgres(
+    monkeypatch, real_backend, oauth2_server, keep_alive
+):
     from django.db import connection
 
     assert connection.vendor == "postgresql"
-    run_processes(monkeypatch, oauth2_server)
+    run_processes(monkeypatch, oauth2_server, keep_alive)
 
 
 @pytest.mark.django_db(transaction=True)
