@@ -402,3 +402,62 @@ def _keys_of_other_providers(provider_id: str, values: Mapping[str, Any]) -> lis
             )
         )
     return messages
+
+
+# Shared sending limits (sending/limits.py). -----------------------------------
+
+# Below this, renewing a session slot every third of it leaves too little time
+# for a database round trip under load.
+MIN_SESSION_LEASE = 5
+
+
+def _whole_number(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and 0 < value <= 32767
+
+
+@register(Tags.compatibility)
+def check_sending_limits(**kwargs: Any) -> list[CheckMessage]:
+    value = getattr(settings, "XOAUTH2_MAIL", {})
+    if not isinstance(value, Mapping):
+        return []  # reported as E001
+    messages: list[CheckMessage] = []
+    providers = value.get("PROVIDERS", {})
+    for provider_id, values in providers.items() if isinstance(providers, Mapping) else ():
+        if not isinstance(values, Mapping):
+            continue  # reported as E009
+        label = f"XOAUTH2_MAIL['PROVIDERS'][{provider_id!r}]"
+        for key, number, what in (
+            ("RATE_LIMIT", 55, "messages per minute per mailbox"),
+            ("MAX_SESSIONS", 56, "concurrent SMTP sessions per mailbox"),
+        ):
+            limit = values.get(key)
+            if limit is not None and not _whole_number(limit):
+                messages.append(
+                    _error(
+                        number,
+                        f"{label}[{key!r}] must be a whole number of {what} (1 to 32767) "
+                        f"or None for no limit, not {limit!r}.",
+                        "Remove it to use the provider's default (Microsoft: RATE_LIMIT 30, "
+                        "MAX_SESSIONS 3; others: none).",
+                    )
+                )
+    wait = value.get("LIMIT_WAIT", DEFAULTS["LIMIT_WAIT"])
+    if isinstance(wait, bool) or not isinstance(wait, int | float) or wait <= 0:
+        messages.append(
+            _error(
+                57,
+                f"XOAUTH2_MAIL['LIMIT_WAIT'] must be a positive number of seconds, not {wait!r}.",
+                f"Remove it to use the default ({DEFAULTS['LIMIT_WAIT']:g} s).",
+            )
+        )
+    lease = value.get("SESSION_LEASE", DEFAULTS["SESSION_LEASE"])
+    if isinstance(lease, bool) or not isinstance(lease, int | float) or lease < MIN_SESSION_LEASE:
+        messages.append(
+            _error(
+                58,
+                f"XOAUTH2_MAIL['SESSION_LEASE'] must be at least {MIN_SESSION_LEASE} seconds, "
+                f"not {lease!r}.",
+                f"Remove it to use the default ({DEFAULTS['SESSION_LEASE']:g} s).",
+            )
+        )
+    return messages

@@ -42,6 +42,11 @@ DEFAULTS: dict[str, Any] = {
     # Seconds an issuer's discovered metadata (oauth2 provider's ISSUER) is reused
     # before it is read again.
     "DISCOVERY_CACHE_SECONDS": 3600.0,
+    # Seconds one message waits for its mailbox's shared limits (a session slot
+    # under MAX_SESSIONS, room under RATE_LIMIT) before failing for now.
+    "LIMIT_WAIT": 120.0,
+    # Seconds a session slot stays taken after its process stopped renewing it.
+    "SESSION_LEASE": 60.0,
 }
 
 
@@ -104,6 +109,14 @@ class Settings:
     @property
     def DISCOVERY_CACHE_SECONDS(self) -> float:
         return float(self.get("DISCOVERY_CACHE_SECONDS"))
+
+    @property
+    def LIMIT_WAIT(self) -> float:
+        return float(self.get("LIMIT_WAIT"))
+
+    @property
+    def SESSION_LEASE(self) -> float:
+        return float(self.get("SESSION_LEASE"))
 
 
 conf = Settings()

@@ -180,6 +180,17 @@ class SMTPConnectionFailed(SendError):
     """The SMTP server could not be reached, or the TLS handshake failed."""
 
 
+class SendingLimitReached(SendError):
+    """A mailbox's shared limit (``MAX_SESSIONS`` or ``RATE_LIMIT``) left no room
+    within ``LIMIT_WAIT``. Temporary: nothing was sent past it; try again later.
+    ``retry_after``: seconds until room is expected, when known (a task queue can
+    defer the message that long rather than count it as a failed attempt)."""
+
+    def __init__(self, message: str, *, retry_after: float | None = None, **kwargs: Any) -> None:
+        super().__init__(message, **kwargs)
+        self.retry_after = retry_after
+
+
 def _rebuild(cls: type[XOAuth2MailError], message: str, state: dict[str, Any]) -> XOAuth2MailError:
     error = cls.__new__(cls)
     Exception.__init__(error, message)

@@ -90,3 +90,40 @@ class Mailbox(models.Model):
 
 def normalize_address(address: str) -> str:
     return address.strip().lower()
+
+
+class SendingLease(models.Model):
+    """One unit of a mailbox's limits, shared by every process and machine that uses
+    this database (sending/limits.py): a session slot (``MAX_SESSIONS`` of them per
+    mailbox) or a send permit (``RATE_LIMIT`` of them). A row is free once
+    ``expires_at`` has passed; taking it is a conditional UPDATE, so two takers
+    never both win. Kept out of the Mailbox row, which no send writes to."""
+
+    class Kind(models.TextChoices):
+        SESSION = "session", _("SMTP session slot")
+        SEND = "send", _("send permit")
+        # Number 0 only: someone waits for a session slot (idle kept-alive sessions yield).
+        DEMAND = "demand", _("session slot wanted")
+
+    # No database constraint: a lease is written on its own connection, which must
+    # not wait for (or fail on) a Mailbox row that the caller's open transaction holds.
+    mailbox = models.ForeignKey(
+        Mailbox, on_delete=models.CASCADE, related_name="+", db_constraint=False
+    )
+    kind = models.CharField(max_length=8, choices=Kind.choices)
+    number = models.PositiveSmallIntegerField()
+    # Who holds it: host, process and one lease of that process; "" once released.
+    holder = models.CharField(max_length=64, blank=True, default="")
+    # On the database's clock, so machines whose clocks differ still agree.
+    expires_at = models.DateTimeField()
+
+    class Meta:
+        verbose_name = _("sending lease")
+        constraints = [
+            models.UniqueConstraint(
+                fields=["mailbox", "kind", "number"], name="xoauth2_mail_lease_unique"
+            ),
+        ]
+
+    def __repr__(self) -> str:
+        return f"<SendingLease {self.kind} #{self.number} of mailbox {self.mailbox_id}>"

@@ -20,7 +20,15 @@ PROVIDER_CLASSES: dict[str, str] = {
 # key is a warning) and the settings page of the documentation (a test compares them)
 # follow. Kept here, not on the classes, so `check` imports neither msal nor google-auth.
 _CLIENT = ("CLIENT_ID", "CLIENT_SECRET", "SCOPES")
-_SMTP = ("SMTP_HOST", "SMTP_PORT", "SMTP_SECURITY", "SMTP_CA_FILE", "RATE_LIMIT", "SASL_MECHANISM")
+_SMTP = (
+    "SMTP_HOST",
+    "SMTP_PORT",
+    "SMTP_SECURITY",
+    "SMTP_CA_FILE",
+    "SASL_MECHANISM",
+    "RATE_LIMIT",
+    "MAX_SESSIONS",
+)
 _OAUTH2_URLS = (
     "AUTHORIZATION_URL",
     "TOKEN_URL",

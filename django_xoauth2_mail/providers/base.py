@@ -146,7 +146,7 @@ class Provider:
     default_smtp: ClassVar[SMTPEndpoint]
     default_scopes: ClassVar[tuple[str, ...]] = ()
     # Concurrent SMTP sessions per mailbox the provider accepts (None: no limit);
-    # caps the backend's max_connections.
+    # caps the backend's max_connections. The MAX_SESSIONS setting overrides it.
     max_sessions_per_mailbox: ClassVar[int | None] = None
     # Messages per minute per mailbox the provider tolerates (None: no limit).
     default_rate_limit: ClassVar[int | None] = None
@@ -188,6 +188,12 @@ class Provider:
     @property
     def rate_limit(self) -> int | None:
         value = self.settings.get("RATE_LIMIT", self.default_rate_limit)
+        return int(value) if value else None
+
+    @property
+    def max_sessions(self) -> int | None:
+        """Concurrent SMTP sessions per mailbox, across every process (sending/limits.py)."""
+        value = self.settings.get("MAX_SESSIONS", self.max_sessions_per_mailbox)
         return int(value) if value else None
 
     @property

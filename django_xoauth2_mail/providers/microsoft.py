@@ -94,6 +94,8 @@ class MicrosoftProvider(Provider):
     default_scopes = (SMTP_SCOPE,)
     # Exchange Online accepts 30 messages a minute from one mailbox, and refuses a
     # 4th concurrent SMTP session ("432 4.3.2 ... sender thread limit exceeded").
+    # Both are the defaults of RATE_LIMIT and MAX_SESSIONS, enforced across every
+    # process and machine that shares the database (sending/limits.py).
     default_rate_limit = 30
     max_sessions_per_mailbox = 3
 

@@ -15,9 +15,10 @@ from django.views.decorators.debug import sensitive_variables
 
 from django_xoauth2_mail import tokens
 from django_xoauth2_mail.conf import conf
-from django_xoauth2_mail.exceptions import SendError
+from django_xoauth2_mail.exceptions import SendError, SendingLimitReached
 from django_xoauth2_mail.models import Mailbox
 from django_xoauth2_mail.providers.base import SMTPEndpoint
+from django_xoauth2_mail.sending.limits import limits_for
 from django_xoauth2_mail.sending.loop import run_orm
 from django_xoauth2_mail.sending.messages import Envelope
 from django_xoauth2_mail.sending.pool import pool
@@ -31,6 +32,8 @@ class SendOptions:
     max_connections: int = 1
     keep_alive: float | None = None  # idle seconds a pooled session is kept
     retry_delays: tuple[float, ...] = ()
+    # Seconds a message waits for the mailbox's shared limits (None: LIMIT_WAIT).
+    limit_wait: float | None = None
 
 
 @dataclass
@@ -94,7 +97,9 @@ class Dispatcher:
         await asyncio.gather(*(session.close() for session in held))
 
     async def _run_job(self, job: MailboxJob) -> None:
-        cap = job.max_sessions or self.options.max_connections
+        limits = limits_for(job.mailbox.pk, job.mailbox.email, job.mailbox.provider)
+        shared_cap = limits.max_sessions if limits is not None else None
+        cap = shared_cap or job.max_sessions or self.options.max_connections
         wanted = max(1, min(self.options.max_connections, cap, len(job.items)))
         queue = list(reversed(job.items))  # popped from the end: original order
         first = await self._acquire(job)
@@ -103,8 +108,12 @@ class Dispatcher:
             # The first session proves the token and the server before the
             # others open, so a refused token fails once, not N times.
             await self._work(job, first, queue, stop_after_one=wanted > 1)
-            if queue and wanted > 1:
-                sessions += [await self._acquire(job) for _ in range(wanted - 1)]
+            while queue and len(sessions) < wanted:
+                # Extra sessions only while the mailbox's shared MAX_SESSIONS has room.
+                extra = await self._acquire(job)
+                if not await extra.reserve():
+                    break
+                sessions.append(extra)
             await asyncio.gather(*(self._work(job, session, queue) for session in sessions))
         finally:
             await self._release(job, sessions)
@@ -127,7 +136,7 @@ class Dispatcher:
                     return
             except Exception as exc:  # e.g. cannot connect, authenticate or get a token
                 job.errors[index] = exc
-                if not session.is_open:
+                if not session.is_open or isinstance(exc, SendingLimitReached):
                     # What this session could not send, no other one will.
                     while queue:
                         job.errors[queue.pop()[0]] = exc
@@ -174,6 +183,13 @@ class Dispatcher:
 
     def _new_session(self, job: MailboxJob) -> SMTPSession:
         mailbox_pk, email = job.mailbox.pk, job.mailbox.email
+        wait = self.options.limit_wait
+        limits = limits_for(mailbox_pk, email, job.mailbox.provider)
+        # This process's own limiter only for a backend rate_limit that differs from
+        # the provider's RATE_LIMIT, which the shared limits already hold.
+        local_rate = job.rate_limit
+        if limits is not None and local_rate == limits.rate_limit:
+            local_rate = None
         state = {"mailbox": job.mailbox}
 
         @sensitive_variables()
@@ -193,5 +209,7 @@ class Dispatcher:
             local_hostname=DNS_NAME.get_fqdn(),
             allow_insecure=conf.ALLOW_INSECURE_SMTP,
             retry_delays=self.options.retry_delays,
-            limiter=limiter_for(mailbox_pk, job.rate_limit) if job.rate_limit else None,
+            limiter=limiter_for(mailbox_pk, local_rate) if local_rate else None,
+            limits=limits,
+            limit_wait=conf.LIMIT_WAIT if wait is None else wait,
         )

@@ -233,6 +233,14 @@ class MailLoop:
             return
 
 
+def start_background_task(coroutine: Coroutine[Any, Any, None]) -> asyncio.Task[None]:
+    """A task on the running (mail) loop that belongs to no caller: it outlives the send
+    that started it, so its ORM work must not be handed to that send's caller."""
+    context = contextvars.copy_context()
+    context.run(current_caller.set, None)
+    return asyncio.get_running_loop().create_task(coroutine, context=context)
+
+
 def event_loop_running_here() -> bool:
     try:
         asyncio.get_running_loop()

@@ -17,11 +17,15 @@ from collections.abc import Callable, Hashable
 
 import aiosmtplib
 
-from django_xoauth2_mail.sending.loop import mail_loop
+from django_xoauth2_mail.sending.limits import slots_wanted
+from django_xoauth2_mail.sending.loop import mail_loop, start_background_task
 from django_xoauth2_mail.sending.session import SMTPSession
 
 # After this many idle seconds a session is checked with NOOP before reuse.
 CHECK_AFTER_IDLE = 15.0
+# How often idle sessions holding a shared session slot (MAX_SESSIONS) check whether
+# another process waits for one: if so they close, giving their slots back.
+DEMAND_POLL = 1.0
 
 
 class SessionPool:
@@ -33,6 +37,7 @@ class SessionPool:
         # here and their sockets are the parent's): forget them, say nothing.
         self._idle: dict[Hashable, list[tuple[SMTPSession, float, asyncio.TimerHandle]]] = {}
         self._closing: set[asyncio.Task[None]] = set()
+        self._watch: asyncio.Task[None] | None = None
 
     async def acquire(self, key: Hashable, new_session: Callable[[], SMTPSession]) -> SMTPSession:
         idle = self._idle.get(key, [])
@@ -50,12 +55,36 @@ class SessionPool:
         loop = asyncio.get_running_loop()
         expiry = loop.call_later(idle_timeout, self._expire, key, session)
         self._idle.setdefault(key, []).append((session, time.monotonic(), expiry))
+        watch = self._watch
+        stopped = watch is None or watch.done() or watch.get_loop() is not loop
+        if session.lease is not None and stopped:
+            self._watch = start_background_task(self._give_back_wanted_slots())
+
+    async def _give_back_wanted_slots(self) -> None:
+        while True:
+            await asyncio.sleep(DEMAND_POLL)
+            holding = {
+                session.limits.mailbox_id: key
+                for key, entries in self._idle.items()
+                for session, _, _ in entries
+                if session.lease is not None and session.limits is not None
+            }
+            if not holding:
+                return
+            for mailbox_id in await slots_wanted(set(holding)):
+                key = holding[mailbox_id]
+                entries = self._idle.get(key, [])
+                self._idle[key] = [entry for entry in entries if entry[0].lease is None]
+                for session, _, expiry in set(entries) - set(self._idle[key]):
+                    expiry.cancel()
+                    await session.close()
 
     def _expire(self, key: Hashable, session: SMTPSession) -> None:
         entries = self._idle.get(key, [])
         self._idle[key] = [entry for entry in entries if entry[0] is not session]
-        # The loop keeps only a weak reference to a task: hold it until it is done.
-        task = asyncio.ensure_future(session.close())
+        # The loop keeps only a weak reference to a task: hold it until it is done. No
+        # caller's: the send that released this session may be long over.
+        task = start_background_task(session.close())
         self._closing.add(task)
         task.add_done_callback(self._closing.discard)
 

@@ -30,6 +30,7 @@ from django_xoauth2_mail.exceptions import (
 from django_xoauth2_mail.providers.base import SMTPEndpoint, is_loopback
 from django_xoauth2_mail.providers.scrub import scrub
 from django_xoauth2_mail.sending.diagnostics import explain_auth_failure
+from django_xoauth2_mail.sending.limits import MailboxLimits, SessionLease
 from django_xoauth2_mail.sending.messages import Envelope
 from django_xoauth2_mail.sending.ratelimit import SlidingWindowLimiter
 from django_xoauth2_mail.sending.sasl import (
@@ -159,6 +160,8 @@ class SMTPSession:
         allow_insecure: bool = False,
         retry_delays: Sequence[float] = (),
         limiter: SlidingWindowLimiter | None = None,
+        limits: MailboxLimits | None = None,
+        limit_wait: float = 0.0,
     ) -> None:
         if endpoint.security == "none" and not (allow_insecure or is_loopback(endpoint.host)):
             raise SMTPConnectionFailed(
@@ -174,6 +177,11 @@ class SMTPSession:
         self.local_hostname = local_hostname
         self.retry_delays = tuple(retry_delays)
         self.limiter = limiter
+        # The mailbox's limits shared across processes (sending/limits.py); the
+        # session holds a slot from open() to close().
+        self.limits = limits
+        self.limit_wait = limit_wait
+        self.lease: SessionLease | None = None
         # One transaction at a time: a kept-alive session is shared by calls.
         self.lock = asyncio.Lock()
         self.client: XOAuth2Client | None = None
@@ -210,8 +218,18 @@ class SMTPSession:
         client.sasl_mechanism = endpoint.sasl_mechanism
         return client
 
-    @sensitive_variables()
     async def open(self) -> None:
+        """Take a session slot of the mailbox (when it has MAX_SESSIONS), then log in."""
+        if self.limits is not None and self.lease is None:
+            self.lease = await self.limits.take_session(self.limit_wait)
+        try:
+            await self._login()
+        except BaseException:
+            await self._release_slot()
+            raise
+
+    @sensitive_variables()
+    async def _login(self) -> None:
         """Connect and authenticate.
 
         A refused token (535) is refreshed and tried once more. A temporary
@@ -321,16 +339,42 @@ class SMTPSession:
             mailbox=self.username,
         )
 
+    async def reserve(self) -> bool:
+        """Take a session slot now if one is free, without waiting (an extra session)."""
+        if self.limits is not None and self.lease is None and not self.is_open:
+            self.lease = await self.limits.take_session(None)
+            return self.lease is not None or not self.limits.max_sessions
+        return True
+
     async def close(self) -> None:
         client, self.client = self.client, None
-        if client is None or not client.is_connected:
-            return
         try:
-            await client.quit()
-        except (aiosmtplib.SMTPException, OSError):
-            client.close()
+            if client is None or not client.is_connected:
+                return
+            try:
+                await client.quit()
+            except (aiosmtplib.SMTPException, OSError):
+                client.close()
+        finally:
+            await self._release_slot()
+
+    async def _release_slot(self) -> None:
+        lease, self.lease = self.lease, None
+        if lease is not None:
+            await lease.release()
 
     async def send(self, envelope: Envelope) -> DeliveryResult:
+        """Send one message within the mailbox's shared RATE_LIMIT (see ``_send``)."""
+        permit = None
+        if self.limits is not None:
+            permit = await self.limits.take_permit(self.limit_wait)
+        try:
+            return await self._send(envelope)
+        finally:
+            if permit is not None:
+                await permit.done()
+
+    async def _send(self, envelope: Envelope) -> DeliveryResult:
         """Send one message, retrying what the server refused for now.
 
         Temporary refusals (421, 450, 451, 452, 454) of the message or of some
@@ -382,7 +426,8 @@ class SMTPSession:
         or firewall may have dropped it while it idled): it gets one new connection.
         """
         for reconnect in (False, True):
-            reopen = reconnect or not self.is_open
+            # A session whose slot (MAX_SESSIONS) was lost must not go on: reopen takes one.
+            reopen = reconnect or not self.is_open or bool(self.lease and not self.lease.usable)
             may_be_stale, self.kept_from_earlier = self.kept_from_earlier and not reopen, False
             if reopen:
                 await self.close()
