@@ -12,9 +12,11 @@ exception that says exactly what was and was not delivered.
 from __future__ import annotations
 
 import datetime as dt
+import email.policy
 import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from email.parser import BytesHeaderParser
 from typing import Any, TypeVar
 
 import django
@@ -23,7 +25,7 @@ from django.core.mail import EmailMessage
 from django.core.mail.backends.base import BaseEmailBackend
 from django.utils import timezone
 
-from django_xoauth2_mail import signals, tokens
+from django_xoauth2_mail import outbox, signals, tokens
 from django_xoauth2_mail.conf import conf
 from django_xoauth2_mail.exceptions import (
     ConfigurationError,
@@ -36,7 +38,7 @@ from django_xoauth2_mail.models import Mailbox, normalize_address
 from django_xoauth2_mail.providers import get_provider
 from django_xoauth2_mail.sending.dispatch import Dispatcher, MailboxJob, SendOptions
 from django_xoauth2_mail.sending.loop import event_loop_running_here, mail_loop, sync_worker
-from django_xoauth2_mail.sending.messages import build_envelope, sender_candidates
+from django_xoauth2_mail.sending.messages import Envelope, build_envelope, sender_candidates
 from django_xoauth2_mail.sending.session import DeliveryResult
 
 logger = logging.getLogger(__name__)
@@ -154,17 +156,7 @@ class EmailBackend(BaseEmailBackend):
 
     def _prepare(self, messages: Sequence[EmailMessage]) -> _Batch:
         batch = _Batch(messages)
-        envelopes = {}
-        for index, message in enumerate(messages):
-            if message.recipients():
-                envelopes[index] = build_envelope(message, index)
-            else:  # skipped, as Django's SMTP backend does, but not silently
-                logger.warning(
-                    "Message #%d (%r) has no recipients: not sent.", index, message.subject
-                )
-        mailboxes = self._pick_mailboxes({i: messages[i] for i in envelopes})
-        for index, envelope in envelopes.items():
-            mailbox = mailboxes[index]
+        for index, (envelope, mailbox) in self._convert(messages).items():
             job = batch.jobs.get(mailbox.pk)
             if job is None:
                 provider = get_provider(mailbox.provider)
@@ -178,6 +170,20 @@ class EmailBackend(BaseEmailBackend):
         for job in batch.jobs.values():
             self._get_ready(batch, job)
         return batch
+
+    def _convert(self, messages: Sequence[EmailMessage]) -> dict[int, tuple[Envelope, Mailbox]]:
+        """Each sendable message's envelope and Mailbox, by index; raises
+        (before anything is sent) for a message that cannot be sent."""
+        envelopes = {}
+        for index, message in enumerate(messages):
+            if message.recipients():
+                envelopes[index] = build_envelope(message, index)
+            else:  # skipped, as Django's SMTP backend does, but not silently
+                logger.warning(
+                    "Message #%d (%r) has no recipients: not sent.", index, message.subject
+                )
+        mailboxes = self._pick_mailboxes({i: messages[i] for i in envelopes})
+        return {index: (envelope, mailboxes[index]) for index, envelope in envelopes.items()}
 
     def _pick_mailboxes(self, messages: dict[int, EmailMessage]) -> dict[int, Mailbox]:
         candidates = {index: list(sender_candidates(m)) for index, m in messages.items()}
@@ -336,3 +342,71 @@ def _keep_alive_seconds(value: bool | float) -> float | None:
     raise ConfigurationError(
         f"The backend option 'keep_alive' must be True, False or idle seconds, not {value!r}."
     )
+
+
+class TaskEmailBackend(EmailBackend):
+    """Checks each message as ``EmailBackend`` does, stores it in the outbox and
+    enqueues a task (Django's Tasks framework) that a worker runs to send it.
+
+    ``send_messages()`` returns the number queued and never touches the
+    network; a message that cannot be sent raises and nothing of the call is
+    queued. Options: ``queue_name``, ``priority``, ``tasks_backend`` (an alias
+    of ``settings.TASKS``) and ``mailbox``.
+    """
+
+    def __init__(
+        self,
+        fail_silently: bool = False,
+        *,
+        mailbox: str | None = None,
+        queue_name: str = "default",
+        priority: int = 0,
+        tasks_backend: str = "default",
+        username: str | None = None,
+        password: str | None = None,
+        **kwargs: Any,
+    ) -> None:
+        # Imported here, not at the top: the Tasks framework (django.tasks, or the
+        # django-tasks backport on Django 5.2) is needed only by this backend.
+        from django_xoauth2_mail import tasks
+
+        sending_options = set(kwargs) & {"timeout", "max_connections", "keep_alive", "rate_limit"}
+        if sending_options or (not BASE_TAKES_ALIAS and kwargs):
+            names = ", ".join(repr(name) for name in sorted(sending_options or kwargs))
+            raise ConfigurationError(
+                f"django_xoauth2_mail.backends.TaskEmailBackend got unknown options {names}; "
+                f"it accepts {', '.join(TASK_OPTIONS)}. (Its workers send with the "
+                "provider's limits; timeouts come from XOAUTH2_MAIL['SMTP_TIMEOUT'].)"
+            )
+        super().__init__(
+            fail_silently, mailbox=mailbox, username=username, password=password, **kwargs
+        )
+        self.queue = outbox.QueueOptions(
+            tasks_backend=tasks_backend, queue_name=queue_name, priority=priority
+        )
+        self.tasks = tasks
+        tasks.check_queue_options(self.queue)
+
+    def send_messages(self, email_messages: Sequence[EmailMessage]) -> int:
+        messages = list(email_messages or [])
+        if not messages:
+            return 0
+        return self._call_blocking(self._queue, messages)
+
+    async def asend_messages(self, email_messages: Sequence[EmailMessage]) -> int:
+        return await sync_to_async(self.send_messages)(email_messages)
+
+    def _queue(self, messages: Sequence[EmailMessage]) -> int:
+        converted = self._convert(messages)
+        items = []
+        for index, (envelope, mailbox) in converted.items():
+            signals.pre_send.send(sender=type(self), message=messages[index], mailbox=mailbox)
+            headers = BytesHeaderParser(policy=email.policy.default).parsebytes(envelope.data)
+            subject = str(headers.get("Subject", ""))
+            items.append((envelope, mailbox, str(headers.get("Message-ID", "")), subject))
+        rows = outbox.store(items, self.queue)
+        self.tasks.enqueue_on_commit(rows)
+        return len(rows)
+
+
+TASK_OPTIONS = ("mailbox", "queue_name", "priority", "tasks_backend", "fail_silently")

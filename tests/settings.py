@@ -72,3 +72,10 @@ else:
     EMAIL_BACKEND = "django_xoauth2_mail.backends.EmailBackend"
 DEFAULT_FROM_EMAIL = "sender@example.com"
 XOAUTH2_MAIL: dict[str, object] = {"PROVIDERS": {}}
+
+# Queued sending (TaskEmailBackend): django-tasks-db, on django.tasks (Django 6.x) or on
+# the django-tasks backport (Django 5.2).
+if django.VERSION < (6, 0):
+    INSTALLED_APPS.append("django_tasks")
+INSTALLED_APPS.append("django_tasks_db")
+TASKS = {"default": {"BACKEND": "django_tasks_db.DatabaseBackend", "QUEUES": ["default", "mail"]}}

@@ -6,7 +6,7 @@ of them. Everything here runs on the mail loop (sending/loop.py)."""
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Hashable
+from collections.abc import Awaitable, Callable, Hashable
 from dataclasses import dataclass, field
 
 from django.core.mail.utils import DNS_NAME
@@ -43,6 +43,9 @@ class MailboxJob:
     items: list[tuple[int, Envelope]] = field(default_factory=list)
     results: dict[int, DeliveryResult] = field(default_factory=dict)
     errors: dict[int, Exception] = field(default_factory=dict)
+    # The outbox's check-in just before a message's data goes out (by index):
+    # it records the point after which a resend could duplicate the message.
+    before_end_of_data: Callable[[int], Awaitable[bool]] | None = None
 
     @property
     def key(self) -> Hashable:
@@ -95,7 +98,7 @@ class Dispatcher:
         while queue:
             index, envelope = queue.pop()
             try:
-                job.results[index] = await session.send(envelope)
+                job.results[index] = await session.send(envelope, _check_in(job, index))
             except SendError as exc:  # cannot connect or authenticate
                 job.errors[index] = exc
                 if not session.is_open:
@@ -146,3 +149,14 @@ class Dispatcher:
             retry_delays=self.options.retry_delays,
             limiter=limiter_for(mailbox_pk, job.rate_limit) if job.rate_limit else None,
         )
+
+
+def _check_in(job: MailboxJob, index: int) -> Callable[[], Awaitable[bool]] | None:
+    hook = job.before_end_of_data
+    if hook is None:
+        return None
+
+    async def before_end_of_data() -> bool:
+        return await hook(index)
+
+    return before_end_of_data

@@ -31,6 +31,7 @@ from django_xoauth2_mail.sending.messages import Envelope
 from django_xoauth2_mail.sending.ratelimit import SlidingWindowLimiter
 from django_xoauth2_mail.sending.transaction import (
     TRANSIENT_CODES,
+    BeforeEndOfData,
     ConnectionLostBeforeData,
     TransactionResult,
     transact,
@@ -120,6 +121,8 @@ class DeliveryResult:
     refused: dict[str, tuple[int, str]] = field(default_factory=dict)
     error: str | None = None
     undetermined: bool = False
+    # Not delivered, for reasons that may pass (4xx): the outbox tries again later.
+    transient: bool = False
 
 
 class SMTPSession:
@@ -239,7 +242,9 @@ class SMTPSession:
         except (aiosmtplib.SMTPException, OSError):
             client.close()
 
-    async def send(self, envelope: Envelope) -> DeliveryResult:
+    async def send(
+        self, envelope: Envelope, before_end_of_data: BeforeEndOfData | None = None
+    ) -> DeliveryResult:
         """Send one message, retrying what the server refused for now.
 
         Temporary refusals (421, 450, 451, 452, 454) of the message or of some
@@ -254,7 +259,7 @@ class SMTPSession:
             await self.limiter.wait()
         async with self.lock:
             while True:
-                attempt = await self._attempt(envelope, pending)
+                attempt = await self._attempt(envelope, pending, before_end_of_data)
                 result.refused.update(attempt.refused)
                 result.delivered = result.delivered or bool(attempt.delivered_to)
                 if attempt.undetermined:
@@ -268,6 +273,7 @@ class SMTPSession:
                 if delay is None:
                     if not result.delivered:
                         result.error = attempt.error or "every recipient was refused"
+                        result.transient = attempt.transient or bool(retry)
                     return result
                 logger.info(
                     "Temporary SMTP refusal for %s (%s); retrying in %.1f s",
@@ -280,13 +286,18 @@ class SMTPSession:
                     result.refused.pop(recipient, None)
                 pending = retry
 
-    async def _attempt(self, envelope: Envelope, recipients: list[str]) -> TransactionResult:
+    async def _attempt(
+        self,
+        envelope: Envelope,
+        recipients: list[str],
+        before_end_of_data: BeforeEndOfData | None = None,
+    ) -> TransactionResult:
         for reconnect in (False, True):
             if reconnect or not self.is_open:
                 await self.close()
                 await self.open()
             try:
-                return await self._transact(envelope, recipients)
+                return await self._transact(envelope, recipients, before_end_of_data)
             except ConnectionLostBeforeData as exc:
                 if reconnect:
                     return TransactionResult(
@@ -295,7 +306,12 @@ class SMTPSession:
                 logger.info("SMTP connection of %s was lost; reconnecting", self.username)
         raise AssertionError("unreachable")
 
-    async def _transact(self, envelope: Envelope, recipients: list[str]) -> TransactionResult:
+    async def _transact(
+        self,
+        envelope: Envelope,
+        recipients: list[str],
+        before_end_of_data: BeforeEndOfData | None = None,
+    ) -> TransactionResult:
         client = self.client
         assert client is not None
         options = self._mail_options(client, envelope)
@@ -310,6 +326,7 @@ class SMTPSession:
                 options=options,
                 encoding="utf-8" if envelope.smtputf8 else "ascii",
                 timeout=self.timeout,
+                before_end_of_data=before_end_of_data,
             )
         except aiosmtplib.SMTPException as exc:  # e.g. a reply that is not SMTP
             client.close()
