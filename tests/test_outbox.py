@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import datetime as dt
 import email
+import io
 from typing import Any
 
 import pytest
@@ -60,8 +61,8 @@ def test_send_messages_queues_without_touching_the_network(
 def test_worker_sends_each_message_once_with_the_bytes_emailbackend_would_send(
     mailbox, xoauth2_smtp_server, oauth2_server
 ):
-    queued = message("Queued", headers={"Message-ID": "<fixed@example.com>"})
-    direct = message("Queued", headers={"Message-ID": "<fixed@example.com>"})
+    fixed = {"Message-ID": "<fixed@example.com>", "Date": "Sun, 06 Dec 2026 04:00:00 -0000"}
+    queued, direct = message("Queued", headers=fixed), message("Queued", headers=fixed)
     queue(queued)
     run_worker()
     run_worker()  # nothing left: a second worker pass sends nothing again
@@ -265,3 +266,38 @@ def test_message_bytes_are_stored_exactly(mailbox):
     assert parsed["Message-ID"] == "<u@example.com>"
     assert row.subject == "Ünïcode"
     assert bytes(row.data).endswith(b"Body")
+
+
+def test_retry_outbox_takes_back_stalled_claims_and_lost_tasks(
+    mailbox, xoauth2_smtp_server, settings
+):
+    from django_tasks_db.models import DBTaskResult
+
+    queue(message("Stalled"), message("Undetermined"), message("Lost task"))
+    stalled, undetermined, lost = OutboxMessage.objects.order_by("pk")
+    claim_as_a_dead_worker(stalled, data_sent=False)
+    claim_as_a_dead_worker(undetermined, data_sent=True)
+    DBTaskResult.objects.all().delete()  # e.g. the process died before enqueueing
+    OutboxMessage.objects.filter(pk=lost.pk).update(
+        next_attempt_at=timezone.now() - dt.timedelta(seconds=301)
+    )
+    out = io.StringIO()
+    call_command("retry_outbox", stdout=out)
+    assert "Enqueued 2 outbox message(s) again." in out.getvalue()
+    assert "Marked 1 message(s) undetermined" in out.getvalue()
+    call_command("retry_outbox", stdout=io.StringIO())  # again at once: nothing more
+    assert DBTaskResult.objects.count() == 2
+
+    run_worker()
+    assert sorted(
+        email.message_from_bytes(m.data)["Subject"] for m in xoauth2_smtp_server.messages
+    ) == [
+        "Lost task",
+        "Stalled",
+    ]
+    statuses = dict(OutboxMessage.objects.values_list("subject", "status"))
+    assert statuses == {
+        "Stalled": OutboxStatus.SENT,
+        "Undetermined": OutboxStatus.UNDETERMINED,
+        "Lost task": OutboxStatus.SENT,
+    }
