@@ -16,7 +16,7 @@ from django.core.mail import EmailMessage
 from django.db.models import QuerySet
 from django.http import HttpRequest, HttpResponse
 from django.template.response import TemplateResponse
-from django.urls import URLPattern, path
+from django.urls import URLPattern, path, reverse
 from django.utils.formats import date_format
 from django.utils.html import format_html
 from django.utils.safestring import SafeString
@@ -24,10 +24,10 @@ from django.utils.text import Truncator
 from django.utils.translation import gettext as _
 from django.utils.translation import gettext_lazy
 
-from django_xoauth2_mail import tokens, views
+from django_xoauth2_mail import outbox, tokens, views
 from django_xoauth2_mail.backends import EmailBackend
 from django_xoauth2_mail.exceptions import XOAuth2MailError
-from django_xoauth2_mail.models import Mailbox, MailboxStatus
+from django_xoauth2_mail.models import Mailbox, MailboxStatus, OutboxMessage, OutboxStatus
 
 TOKEN_FIELDS = ("refresh_token", "access_token", "token_version")
 SHOWN_FIELDS = (
@@ -40,6 +40,7 @@ SHOWN_FIELDS = (
     "last_error_at",
     "last_refreshed_at",
     "last_sent_at",
+    "outbox_link",
     "created_at",
     "updated_at",
 )
@@ -68,6 +69,7 @@ class MailboxAdmin(_ModelAdmin):
         "last_error_short",
         "last_sent_at",
         "last_refreshed_at",
+        "outbox_link",
     )
     # Providers in use, not every known id: a site has one or two.
     list_filter = (("provider", admin.AllValuesFieldListFilter), "status")
@@ -147,6 +149,10 @@ class MailboxAdmin(_ModelAdmin):
             return ""
         short = Truncator(mailbox.last_error).chars(80)
         return format_html('<span title="{}">{}</span>', mailbox.last_error, short)
+
+    @admin.display(description=gettext_lazy("outbox"))
+    def outbox_link(self, mailbox: Mailbox) -> SafeString:
+        return outbox_link_for(mailbox)
 
     # Actions ------------------------------------------------------------------
 
@@ -249,3 +255,128 @@ class MailboxAdmin(_ModelAdmin):
                 "settings at the provider."
             )
         self.message_user(request, text % {"email": mailbox.email}, messages.SUCCESS)
+
+
+# The Outbox: messages queued by TaskEmailBackend. ---------------------------
+
+OUTBOX_COLOURS: dict[str, tuple[str, str]] = {
+    OutboxStatus.QUEUED: ("#1565c0", "#ffffff"),
+    OutboxStatus.SENDING: ("#6a1b9a", "#ffffff"),
+    OutboxStatus.SENT: ("#2e7d32", "#ffffff"),
+    OutboxStatus.FAILED: ("#c62828", "#ffffff"),
+    OutboxStatus.UNDETERMINED: ("#ef6c00", "#ffffff"),
+}
+OUTBOX_FIELDS = (
+    "message_id",
+    "mailbox",
+    "outbox_status",
+    "subject",
+    "sender",
+    "recipients",
+    "message_size",
+    "attempts",
+    "last_error",
+    "refused_recipients",
+    "created_at",
+    "next_attempt_at",
+    "sent_at",
+    "updated_at",
+)
+
+if TYPE_CHECKING:
+    _OutboxAdminBase = admin.ModelAdmin[OutboxMessage]
+else:
+    _OutboxAdminBase = admin.ModelAdmin
+
+
+def outbox_link_for(mailbox: Mailbox) -> SafeString:
+    url = reverse("admin:django_xoauth2_mail_outboxmessage_changelist")
+    return format_html('<a href="{}?mailbox__id__exact={}">{}</a>', url, mailbox.pk, _("Outbox"))
+
+
+@admin.register(OutboxMessage)
+class OutboxMessageAdmin(_OutboxAdminBase):
+    """What TaskEmailBackend queued and what became of it; Resend and Delete."""
+
+    list_display = (
+        "subject",
+        "mailbox",
+        "outbox_status",
+        "attempts",
+        "created_at",
+        "sent_at",
+        "failure_reason",
+    )
+    list_filter = ("status", "mailbox")
+    list_select_related = ("mailbox",)
+    search_fields = ("subject", "message_id", "recipients")
+    date_hierarchy = "created_at"
+    fields = OUTBOX_FIELDS
+    readonly_fields = OUTBOX_FIELDS
+    actions = ("resend_messages", "delete_selected")
+
+    def has_add_permission(self, request: HttpRequest) -> bool:
+        return False  # messages come from TaskEmailBackend
+
+    def change_view(
+        self,
+        request: HttpRequest,
+        object_id: str,
+        form_url: str = "",
+        extra_context: dict[str, Any] | None = None,
+    ) -> HttpResponse:
+        extra = {"show_save": False, "show_save_and_continue": False, **(extra_context or {})}
+        return super().change_view(request, object_id, form_url, extra)
+
+    @admin.display(description=gettext_lazy("status"), ordering="status")
+    def outbox_status(self, message: OutboxMessage) -> SafeString:
+        background, colour = OUTBOX_COLOURS.get(message.status, ("#616161", "#ffffff"))
+        return format_html(
+            '<span class="xoauth2-outbox-{}" style="background:{};color:{};padding:2px 8px;'
+            'border-radius:10px;font-weight:bold;white-space:nowrap">{}</span>',
+            message.status,
+            background,
+            colour,
+            message.get_status_display(),
+        )
+
+    @admin.display(description=gettext_lazy("failure reason"))
+    def failure_reason(self, message: OutboxMessage) -> str:
+        if (
+            not message.last_error
+            or message.status == OutboxStatus.SENT
+            and not (message.refused_recipients)
+        ):
+            return ""
+        short = Truncator(message.last_error).chars(100)
+        return format_html('<span title="{}">{}</span>', message.last_error, short)
+
+    @admin.display(description=gettext_lazy("size"))
+    def message_size(self, message: OutboxMessage) -> str:
+        return f"{len(message.data):,} bytes"
+
+    @admin.action(description=gettext_lazy("Resend selected messages"), permissions=["change"])
+    def resend_messages(self, request: HttpRequest, queryset: QuerySet[OutboxMessage]) -> None:
+        # Imported here: the rest of the admin works without the Tasks framework.
+        from django_xoauth2_mail import tasks
+
+        wanted = list(queryset.values_list("pk", flat=True))
+        requeued = outbox.resend(wanted)
+        if requeued:
+            tasks.enqueue(OutboxMessage.objects.filter(pk__in=requeued))
+            self.message_user(
+                request,
+                _("%(count)d message(s) queued to be sent again.") % {"count": len(requeued)},
+                messages.SUCCESS,
+            )
+        if len(requeued) < len(wanted):
+            self.message_user(
+                request,
+                _(
+                    "%(count)d message(s) are being sent right now and were left alone; if "
+                    "their worker stopped, they come back after OUTBOX_LEASE (or run "
+                    "manage.py retry_outbox)."
+                )
+                % {"count": len(wanted) - len(requeued)},
+                messages.WARNING,
+            )

@@ -42,7 +42,17 @@ from django_xoauth2_mail.sending.transaction import TRANSIENT_CODES
 try:  # Django 6.0+
     from django.tasks import task, task_backends
 except ImportError:  # Django 5.2: the django-tasks backport
-    from django_tasks import task, task_backends  # type: ignore[no-redef,assignment,unused-ignore]
+    try:
+        from django_tasks import (  # type: ignore[no-redef,assignment,unused-ignore]
+            task,
+            task_backends,
+        )
+    except ImportError as exc:
+        raise ConfigurationError(
+            "Queued sending (TaskEmailBackend, retry_outbox) needs Django's Tasks framework: "
+            "Django 6.0+ has it; on Django 5.2 install the backport with "
+            'pip install "django-xoauth2-mail[tasks]" "django-tasks-db[compat]".'
+        ) from exc
 
 logger = logging.getLogger(__name__)
 
