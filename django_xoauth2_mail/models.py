@@ -128,6 +128,9 @@ class OutboxMessage(models.Model):
     tasks_backend = models.CharField(max_length=100, default="default", editable=False)
     queue_name = models.CharField(max_length=100, default="default", editable=False)
     priority = models.IntegerField(default=0, editable=False)
+    # The last task enqueued for it: retry_outbox asks the Tasks backend whether
+    # it still waits, so a long backlog is not enqueued twice.
+    task_id = models.CharField(max_length=64, blank=True, default="", editable=False)
     updated_at = models.DateTimeField(_("updated"), auto_now=True)
 
     class Meta:

@@ -21,7 +21,7 @@ import dataclasses
 import datetime as dt
 import random
 import secrets
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 
 from django.db import transaction
 from django.db.models import F, Q
@@ -176,18 +176,24 @@ def recover_expired(now: dt.datetime | None = None) -> tuple[list[int], int]:
     return requeued, undetermined
 
 
-def overdue_queued(now: dt.datetime | None = None) -> list[int]:
-    """Queued messages due for longer than a lease: their task may be lost (a
-    process that died between saving the rows and enqueueing, a Tasks backend
-    that dropped it, one that cannot defer retries). Each is stamped so that
-    concurrent callers do not all enqueue it again."""
+def lost_tasks(
+    still_waiting: Callable[[OutboxMessage], bool], now: dt.datetime | None = None
+) -> list[int]:
+    """Queued messages due for longer than a lease whose task is lost (a process
+    that died between saving the rows and enqueueing, a Tasks backend that
+    dropped it, one that cannot defer retries). ``still_waiting`` asks the
+    Tasks backend about a row's task, so a long backlog is left alone. Each
+    one found is stamped, so concurrent callers do not all enqueue it again."""
     now = now or timezone.now()
     cutoff = now - dt.timedelta(seconds=conf.OUTBOX_LEASE)
     due = []
     candidates = OutboxMessage.objects.filter(
         status=OutboxStatus.QUEUED, next_attempt_at__lt=cutoff
-    ).values_list("pk", "next_attempt_at")
-    for pk, next_attempt_at in candidates:
+    ).only("pk", "next_attempt_at", "tasks_backend", "task_id")
+    for row in candidates.iterator():
+        if still_waiting(row):
+            continue
+        pk, next_attempt_at = row.pk, row.next_attempt_at
         if OutboxMessage.objects.filter(
             pk=pk, status=OutboxStatus.QUEUED, next_attempt_at=next_attempt_at
         ).update(next_attempt_at=now):

@@ -81,14 +81,31 @@ def send_outbox_message(message_pk: int) -> str:
 
 def enqueue(rows: Iterable[OutboxMessage], run_after: dt.datetime | None = None) -> None:
     """Enqueue one task per message, with each message's queue options."""
+    enqueued = []
     for row in rows:
         configured = send_outbox_message.using(
             backend=row.tasks_backend, queue_name=row.queue_name, priority=row.priority
         )
         if run_after is not None and task_backends[row.tasks_backend].supports_defer:
             configured = configured.using(run_after=run_after)
-        result = configured.enqueue(row.pk)
-        logger.debug("Queued outbox message %s as task %s", row.pk, result.id)
+        row.task_id = str(configured.enqueue(row.pk).id or "")[:64]
+        enqueued.append(row)
+    # One statement for the lot (retry_outbox reads them).
+    OutboxMessage.objects.bulk_update(enqueued, ["task_id"], batch_size=500)
+
+
+def task_still_waiting(row: OutboxMessage) -> bool:
+    """Whether the row's task waits in its queue (only backends that keep results
+    can tell; for others, and for a task that is running, failed or gone, no)."""
+    backend = task_backends[row.tasks_backend]
+    if not (row.task_id and backend.supports_get_result):
+        return False
+    try:
+        status = backend.get_result(row.task_id).status
+    except Exception:  # TaskResultDoesNotExist, or a backend that cannot say
+        return False
+    # RUNNING is not waiting: django-tasks-db leaves a killed worker's task RUNNING.
+    return str(status) == "READY"
 
 
 def check_queue_options(options: outbox.QueueOptions) -> None:
@@ -113,11 +130,12 @@ def enqueue_on_commit(rows: list[OutboxMessage]) -> None:
     transaction.on_commit(lambda: enqueue(rows))
 
 
-def recover_stalled(force: bool = False) -> tuple[int, int]:
+def recover_stalled(force: bool = False, lost_tasks: bool = False) -> tuple[int, int]:
     """Take back stalled claims and re-enqueue them; (requeued, undetermined).
 
     Runs at the start of tasks, at most every ``RECOVERY_EVERY`` lease per
-    process, so stalled messages come back while workers run.
+    process, so stalled messages come back while workers run; ``lost_tasks``
+    (retry_outbox) also enqueues again queued messages whose task is lost.
     """
     global _last_recovery
     now = time.monotonic()
@@ -125,7 +143,8 @@ def recover_stalled(force: bool = False) -> tuple[int, int]:
         return 0, 0
     _last_recovery = now
     requeued, undetermined = outbox.recover_expired()
-    requeued += outbox.overdue_queued()
+    if lost_tasks:
+        requeued += outbox.lost_tasks(task_still_waiting)
     if requeued:
         enqueue(OutboxMessage.objects.filter(pk__in=requeued))
     if requeued or undetermined:

@@ -303,3 +303,25 @@ def test_retry_outbox_takes_back_stalled_claims_and_lost_tasks(
         "Undetermined": OutboxStatus.UNDETERMINED,
         "Lost task": OutboxStatus.SENT,
     }
+
+
+def test_retry_outbox_leaves_a_backlog_alone(mailbox, xoauth2_smtp_server):
+    from django_tasks_db.models import DBTaskResult
+
+    queue(message("Waiting"))  # its task waits in the queue, behind a long backlog
+    OutboxMessage.objects.update(next_attempt_at=timezone.now() - dt.timedelta(hours=1))
+    call_command("retry_outbox", stdout=io.StringIO())
+    assert DBTaskResult.objects.count() == 1
+    run_worker()
+    assert len(xoauth2_smtp_server.messages) == 1
+
+
+def test_workers_take_back_stalled_claims_themselves(mailbox, xoauth2_smtp_server):
+    queue(message("Stalled"), message("Next"))
+    stalled = OutboxMessage.objects.order_by("pk").first()
+    assert stalled is not None
+    claim_as_a_dead_worker(stalled, data_sent=False)
+    tasks._last_recovery = 0.0  # as in a worker process that just started
+    run_worker()  # "Next"'s task notices the stalled claim and enqueues it again
+    assert sorted(OutboxMessage.objects.values_list("status", flat=True)) == ["sent", "sent"]
+    assert len(xoauth2_smtp_server.messages) == 2

@@ -13,13 +13,14 @@ class Command(BaseCommand):
     help = (
         "Take back outbox messages whose worker stopped answering (after "
         "XOAUTH2_MAIL['OUTBOX_LEASE'] seconds) and enqueue again those whose task was "
-        "lost. A message whose data may have reached the SMTP server is marked "
-        "undetermined instead, never sent again on its own: resend it from the admin's "
-        "Outbox page. Safe to run at any time, from cron, while workers run."
+        "lost (not those still waiting in a backlog, when the Tasks backend can tell). "
+        "A message whose data may have reached the SMTP server is marked undetermined "
+        "instead, never sent again on its own: resend it from the admin's Outbox page. "
+        "Safe to run at any time, from cron, while workers run."
     )
 
     def handle(self, *args: Any, **options: Any) -> None:
-        requeued, undetermined = tasks.recover_stalled(force=True)
+        requeued, undetermined = tasks.recover_stalled(force=True, lost_tasks=True)
         self.stdout.write(f"Enqueued {requeued} outbox message(s) again.")
         if undetermined:
             self.stdout.write(
