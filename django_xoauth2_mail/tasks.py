@@ -43,7 +43,7 @@ try:  # Django 6.0+
     from django.tasks import task, task_backends
 except ImportError:  # Django 5.2: the django-tasks backport
     try:
-        from django_tasks import (  # type: ignore[no-redef,assignment,unused-ignore]
+        from django_tasks import (  # type: ignore[no-redef,assignment,import-not-found,unused-ignore]
             task,
             task_backends,
         )

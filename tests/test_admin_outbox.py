@@ -60,6 +60,10 @@ def test_outbox_lists_messages_with_status_filters_and_failure_reason(staff_clie
     assert "Bounced" in failed and "Arrived" not in failed
     by_mailbox = staff_client.get(OUTBOX, {"mailbox__id__exact": mailbox.pk}).content.decode()
     assert "Arrived" in by_mailbox
+    found = staff_client.get(OUTBOX, {"q": "Bounced"}).content.decode()
+    assert "Bounced" in found and "Arrived" not in found
+    by_recipient = staff_client.get(OUTBOX, {"q": "to@example.org"})
+    assert by_recipient.status_code == 200 and "Arrived" in by_recipient.content.decode()
     detail = staff_client.get(f"{OUTBOX}{second.pk}/change/").content.decode()
     assert "554 spam" in detail and "to@example.org" in detail
 
