@@ -325,3 +325,11 @@ def test_workers_take_back_stalled_claims_themselves(mailbox, xoauth2_smtp_serve
     run_worker()  # "Next"'s task notices the stalled claim and enqueues it again
     assert sorted(OutboxMessage.objects.values_list("status", flat=True)) == ["sent", "sent"]
     assert len(xoauth2_smtp_server.messages) == 2
+
+
+def test_a_message_queued_on_a_machine_whose_clock_runs_ahead_is_sent(mailbox, xoauth2_smtp_server):
+    queue(message())
+    OutboxMessage.objects.update(next_attempt_at=timezone.now() + dt.timedelta(seconds=2))
+    run_worker()
+    assert OutboxMessage.objects.get().status == OutboxStatus.SENT
+    assert len(xoauth2_smtp_server.messages) == 1
