@@ -35,7 +35,7 @@ from multiprocessing.connection import Connection
 from pathlib import Path
 from typing import Any
 
-from benchmarks import sink
+from benchmarks import queued, sink
 
 OURS = "django_xoauth2_mail.backends.EmailBackend"
 DJANGO = "django.core.mail.backends.smtp.EmailBackend"
@@ -747,6 +747,7 @@ def run_cases(bench: Bench, plan: Plan, directory: str) -> None:
         sizes = plan.sizes[listener.name]
         bench.run_sends(listener.name, sizes, listener.pipelining)
         bench.run_batches(listener.name, sizes, listener.pipelining)
+    queued.run_queued(bench, plan.sizes[queued.SINK].batch, directory)
     measure_memory(bench, directory, plan.attachment_mb)
 
 

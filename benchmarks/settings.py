@@ -6,8 +6,11 @@ Mail settings that depend on the run (the sink's port, the OAuth2 server's URLs)
 the benchmark at run time.
 """
 
+import importlib.util
 import os
 import tempfile
+
+import django
 
 SECRET_KEY = "benchmark-only-secret-key"
 DEBUG = False
@@ -18,7 +21,7 @@ INSTALLED_APPS = ["django_xoauth2_mail"]
 _directory = os.environ.get("XOAUTH2_MAIL_BENCHMARK_DIR") or tempfile.mkdtemp(
     prefix="xoauth2-mail-benchmark-"
 )
-DATABASES = {
+DATABASES: dict[str, dict[str, object]] = {
     "default": {
         "ENGINE": "django.db.backends.sqlite3",
         "NAME": os.path.join(_directory, "benchmark.sqlite3"),
@@ -34,3 +37,17 @@ EMAIL_TIMEOUT = 30
 DEFAULT_FROM_EMAIL = "sender@bench.invalid"
 
 XOAUTH2_MAIL: dict[str, object] = {"PROVIDERS": {}}
+
+# The queued case (benchmarks/queued.py): TaskEmailBackend with django-tasks-db workers,
+# when installed. Its worker processes share the SQLite file: WAL lets readers and the
+# one writer proceed together, synchronous=NORMAL spares an fsync per commit (a lost
+# benchmark database costs nothing), and a writer waits (up to 30 s) rather than fail.
+if importlib.util.find_spec("django_tasks_db"):
+    if django.VERSION < (6, 0):
+        INSTALLED_APPS.append("django_tasks")
+    INSTALLED_APPS.append("django_tasks_db")
+    TASKS = {"default": {"BACKEND": "django_tasks_db.DatabaseBackend"}}
+    DATABASES["default"]["OPTIONS"] = {
+        "timeout": 30,
+        "init_command": "PRAGMA journal_mode=WAL; PRAGMA synchronous=NORMAL;",
+    }

@@ -18,7 +18,7 @@ from django.db.models import QuerySet, TextField
 from django.db.models.functions import Cast
 from django.http import HttpRequest, HttpResponse
 from django.template.response import TemplateResponse
-from django.urls import URLPattern, path
+from django.urls import URLPattern, path, reverse
 from django.utils import timezone
 from django.utils.formats import date_format
 from django.utils.html import format_html
@@ -27,11 +27,11 @@ from django.utils.text import Truncator
 from django.utils.translation import gettext as _
 from django.utils.translation import gettext_lazy
 
-from django_xoauth2_mail import crypto, tokens, views
+from django_xoauth2_mail import crypto, outbox, tokens, views
 from django_xoauth2_mail.backends import EmailBackend
 from django_xoauth2_mail.consent.cli import last_error_is_past
 from django_xoauth2_mail.exceptions import XOAuth2MailError
-from django_xoauth2_mail.models import Mailbox, MailboxStatus
+from django_xoauth2_mail.models import Mailbox, MailboxStatus, OutboxMessage, OutboxStatus
 from django_xoauth2_mail.setup_checks import sending_problems
 
 TOKEN_FIELDS = ("refresh_token", "access_token", "token_version")
@@ -45,6 +45,7 @@ SHOWN_FIELDS = (
     "last_error_at",
     "last_refreshed_at",
     "last_sent_at",
+    "outbox_link",
     "created_at",
     "updated_at",
 )
@@ -83,7 +84,8 @@ else:  # ModelAdmin is generic for django-stubs only, not at run time.
 @admin.register(Mailbox)
 class MailboxAdmin(_ModelAdmin):
     # Narrow enough for a 1280 px screen with the admin's navigation sidebar open: the
-    # provider sits under the address, the last token refresh is on the mailbox's page.
+    # provider and the Outbox link sit under the address, the last token refresh is on
+    # the mailbox's page.
     list_display = (
         "address",
         "status_badge",
@@ -170,10 +172,14 @@ class MailboxAdmin(_ModelAdmin):
 
     @admin.display(description=gettext_lazy("address"), ordering="email")
     def address(self, mailbox: Mailbox) -> SafeString:
+        # The provider and a link to the mailbox's queued mail under the address, not
+        # in columns of their own (1280 px, see list_display).
         return format_html(
-            '{}<br><span class="xoauth2-provider" style="color:var(--body-quiet-color)">{}</span>',
+            '{}<br><span class="xoauth2-provider" style="color:var(--body-quiet-color)">{}</span>'
+            " · {}",
             mailbox.email,
             mailbox.provider,
+            outbox_link_for(mailbox),
         )
 
     # Times through these two rather than the fields: Django keeps a date-time field's
@@ -222,6 +228,10 @@ class MailboxAdmin(_ModelAdmin):
         return format_html(
             '<span title="{}" style="{}">{}</span>', mailbox.last_error, WRAP_ANYWHERE, short
         )
+
+    @admin.display(description=gettext_lazy("outbox"))
+    def outbox_link(self, mailbox: Mailbox) -> SafeString:
+        return outbox_link_for(mailbox)
 
     # Actions ------------------------------------------------------------------
 
@@ -366,3 +376,128 @@ class MailboxAdmin(_ModelAdmin):
 
 def _moment(moment: dt.datetime | None) -> str:
     return date_format(timezone.localtime(moment), "DATETIME_FORMAT") if moment else "-"
+
+
+# The Outbox: messages queued by TaskEmailBackend. ---------------------------
+
+OUTBOX_COLOURS: dict[str, tuple[str, str]] = {
+    OutboxStatus.QUEUED: ("#1565c0", "#ffffff"),
+    OutboxStatus.SENDING: ("#6a1b9a", "#ffffff"),
+    OutboxStatus.SENT: ("#2e7d32", "#ffffff"),
+    OutboxStatus.FAILED: ("#c62828", "#ffffff"),
+    OutboxStatus.UNDETERMINED: ("#ef6c00", "#ffffff"),
+}
+OUTBOX_FIELDS = (
+    "message_id",
+    "mailbox",
+    "outbox_status",
+    "subject",
+    "sender",
+    "recipients",
+    "message_size",
+    "attempts",
+    "last_error",
+    "refused_recipients",
+    "created_at",
+    "next_attempt_at",
+    "sent_at",
+    "updated_at",
+)
+
+if TYPE_CHECKING:
+    _OutboxAdminBase = admin.ModelAdmin[OutboxMessage]
+else:
+    _OutboxAdminBase = admin.ModelAdmin
+
+
+def outbox_link_for(mailbox: Mailbox) -> SafeString:
+    url = reverse("admin:django_xoauth2_mail_outboxmessage_changelist")
+    return format_html('<a href="{}?mailbox__id__exact={}">{}</a>', url, mailbox.pk, _("Outbox"))
+
+
+@admin.register(OutboxMessage)
+class OutboxMessageAdmin(_OutboxAdminBase):
+    """What TaskEmailBackend queued and what became of it; Resend and Delete."""
+
+    list_display = (
+        "subject",
+        "mailbox",
+        "outbox_status",
+        "attempts",
+        "created_at",
+        "sent_at",
+        "failure_reason",
+    )
+    list_filter = ("status", "mailbox")
+    list_select_related = ("mailbox",)
+    search_fields = ("subject", "message_id", "recipients")
+    date_hierarchy = "created_at"
+    fields = OUTBOX_FIELDS
+    readonly_fields = OUTBOX_FIELDS
+    actions = ("resend_messages", "delete_selected")
+
+    def has_add_permission(self, request: HttpRequest) -> bool:
+        return False  # messages come from TaskEmailBackend
+
+    def change_view(
+        self,
+        request: HttpRequest,
+        object_id: str,
+        form_url: str = "",
+        extra_context: dict[str, Any] | None = None,
+    ) -> HttpResponse:
+        extra = {"show_save": False, "show_save_and_continue": False, **(extra_context or {})}
+        return super().change_view(request, object_id, form_url, extra)
+
+    @admin.display(description=gettext_lazy("status"), ordering="status")
+    def outbox_status(self, message: OutboxMessage) -> SafeString:
+        background, colour = OUTBOX_COLOURS.get(message.status, ("#616161", "#ffffff"))
+        return format_html(
+            '<span class="xoauth2-outbox-{}" style="background:{};color:{};padding:2px 8px;'
+            'border-radius:10px;font-weight:bold;white-space:nowrap">{}</span>',
+            message.status,
+            background,
+            colour,
+            message.get_status_display(),
+        )
+
+    @admin.display(description=gettext_lazy("failure reason"))
+    def failure_reason(self, message: OutboxMessage) -> str:
+        if (
+            not message.last_error
+            or message.status == OutboxStatus.SENT
+            and not (message.refused_recipients)
+        ):
+            return ""
+        short = Truncator(message.last_error).chars(100)
+        return format_html('<span title="{}">{}</span>', message.last_error, short)
+
+    @admin.display(description=gettext_lazy("size"))
+    def message_size(self, message: OutboxMessage) -> str:
+        return f"{len(message.data):,} bytes"
+
+    @admin.action(description=gettext_lazy("Resend selected messages"), permissions=["change"])
+    def resend_messages(self, request: HttpRequest, queryset: QuerySet[OutboxMessage]) -> None:
+        # Imported here: the rest of the admin works without the Tasks framework.
+        from django_xoauth2_mail import tasks
+
+        wanted = list(queryset.values_list("pk", flat=True))
+        requeued = outbox.resend(wanted)
+        if requeued:
+            tasks.enqueue(OutboxMessage.objects.filter(pk__in=requeued))
+            self.message_user(
+                request,
+                _("%(count)d message(s) queued to be sent again.") % {"count": len(requeued)},
+                messages.SUCCESS,
+            )
+        if len(requeued) < len(wanted):
+            self.message_user(
+                request,
+                _(
+                    "%(count)d message(s) are being sent right now and were left alone; if "
+                    "their worker stopped, they come back after OUTBOX_LEASE (or run "
+                    "manage.py retry_outbox)."
+                )
+                % {"count": len(wanted) - len(requeued)},
+                messages.WARNING,
+            )

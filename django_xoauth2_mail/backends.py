@@ -12,9 +12,11 @@ exception that says exactly what was and was not delivered.
 from __future__ import annotations
 
 import datetime as dt
+import email.policy
 import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from email.parser import BytesHeaderParser
 from typing import Any, TypeVar
 
 import django
@@ -24,7 +26,7 @@ from django.core.mail.backends.base import BaseEmailBackend
 from django.db import router, transaction
 from django.utils import timezone
 
-from django_xoauth2_mail import signals, tokens
+from django_xoauth2_mail import outbox, signals, tokens
 from django_xoauth2_mail.conf import conf, require_installed_app
 from django_xoauth2_mail.exceptions import (
     ConfigurationError,
@@ -41,7 +43,7 @@ from django_xoauth2_mail.sending.loop import (
     mail_loop,
     run_blocking_in_worker,
 )
-from django_xoauth2_mail.sending.messages import build_envelope, sender_candidates
+from django_xoauth2_mail.sending.messages import Envelope, build_envelope, sender_candidates
 from django_xoauth2_mail.sending.session import DeliveryResult
 
 logger = logging.getLogger(__name__)
@@ -162,19 +164,8 @@ class EmailBackend(BaseEmailBackend):
 
     def _prepare(self, messages: Sequence[EmailMessage]) -> _Batch:
         batch = _Batch(messages)
-        envelopes = {}
-        for index, message in enumerate(messages):
-            if message.recipients():
-                envelopes[index] = build_envelope(message, index)
-            else:  # skipped, as Django's SMTP backend does, but not silently
-                logger.warning(
-                    "Message #%d (%r) has no recipients: not sent.", index, message.subject
-                )
-        mailboxes = self._pick_mailboxes({i: messages[i] for i in envelopes}, batch)
-        for index, envelope in envelopes.items():
-            mailbox = mailboxes.get(index)
-            if mailbox is None:
-                continue
+        converted, batch.unsendable = self._convert(messages)
+        for index, (envelope, mailbox) in converted.items():
             job = batch.jobs.get(mailbox.pk)
             if job is None:
                 provider = get_provider(mailbox.provider, mailbox=mailbox.email)
@@ -189,15 +180,36 @@ class EmailBackend(BaseEmailBackend):
             self._get_ready(batch, job)
         return batch
 
+    def _convert(
+        self, messages: Sequence[EmailMessage]
+    ) -> tuple[dict[int, tuple[Envelope, Mailbox]], dict[int, Exception]]:
+        """Each sendable message's envelope and Mailbox, by index, and the messages no
+        mailbox can send (their error). Raises, before anything is sent, for a message
+        that cannot be sent at all (an invalid address, header injection)."""
+        envelopes = {}
+        for index, message in enumerate(messages):
+            if message.recipients():
+                envelopes[index] = build_envelope(message, index)
+            else:  # skipped, as Django's SMTP backend does, but not silently
+                logger.warning(
+                    "Message #%d (%r) has no recipients: not sent.", index, message.subject
+                )
+        mailboxes, unsendable = self._pick_mailboxes({i: messages[i] for i in envelopes})
+        converted = {
+            i: (envelope, mailboxes[i]) for i, envelope in envelopes.items() if i in mailboxes
+        }
+        return converted, unsendable
+
     def _pick_mailboxes(
-        self, messages: dict[int, EmailMessage], batch: _Batch
-    ) -> dict[int, Mailbox]:
-        """Each message's Mailbox; one whose sender has none fails alone (in ``batch``)."""
+        self, messages: dict[int, EmailMessage]
+    ) -> tuple[dict[int, Mailbox], dict[int, Exception]]:
+        """Each message's Mailbox, and the error of each message whose sender has none."""
         candidates = {index: list(sender_candidates(m)) for index, m in messages.items()}
         fallbacks = [normalize_address(a) for a in (self.mailbox, conf.DEFAULT_MAILBOX) if a]
         wanted = {address for addresses in candidates.values() for address in addresses}
         known = {mb.email: mb for mb in Mailbox.objects.filter(email__in=wanted | set(fallbacks))}
-        chosen = {}
+        chosen: dict[int, Mailbox] = {}
+        unsendable: dict[int, Exception] = {}
         for index, addresses in candidates.items():
             for address in [*addresses, *fallbacks]:
                 if address in known:
@@ -216,8 +228,8 @@ class EmailBackend(BaseEmailBackend):
                 # Loud even under fail_silently (AdminEmailHandler sends with it from
                 # SERVER_EMAIL): a site that cannot send its error reports must hear of it.
                 logger.error("%s", error)
-                batch.unsendable[index] = error
-        return chosen
+                unsendable[index] = error
+        return chosen, unsendable
 
     def _get_ready(self, batch: _Batch, job: MailboxJob) -> None:
         try:
@@ -379,3 +391,74 @@ def _keep_alive_seconds(value: bool | float) -> float | None:
     raise ConfigurationError(
         f"The backend option 'keep_alive' must be True, False or idle seconds, not {value!r}."
     )
+
+
+class TaskEmailBackend(EmailBackend):
+    """Checks each message as ``EmailBackend`` does, stores it in the outbox and
+    enqueues a task (Django's Tasks framework) that a worker runs to send it.
+
+    ``send_messages()`` returns the number queued and never touches the
+    network; a message that cannot be sent raises and nothing of the call is
+    queued. Options: ``queue_name``, ``priority``, ``tasks_backend`` (an alias
+    of ``settings.TASKS``) and ``mailbox``.
+    """
+
+    def __init__(
+        self,
+        fail_silently: bool = False,
+        *,
+        mailbox: str | None = None,
+        queue_name: str = "default",
+        priority: int = 0,
+        tasks_backend: str = "default",
+        username: str | None = None,
+        password: str | None = None,
+        **kwargs: Any,
+    ) -> None:
+        # Imported here, not at the top: the Tasks framework (django.tasks, or the
+        # django-tasks backport on Django 5.2) is needed only by this backend.
+        from django_xoauth2_mail import tasks
+
+        sending_options = set(kwargs) & {"timeout", "max_connections", "keep_alive", "rate_limit"}
+        if sending_options or (not BASE_TAKES_ALIAS and kwargs):
+            names = ", ".join(repr(name) for name in sorted(sending_options or kwargs))
+            raise ConfigurationError(
+                f"django_xoauth2_mail.backends.TaskEmailBackend got unknown options {names}; "
+                f"it accepts {', '.join(TASK_OPTIONS)}. (Its workers send with the "
+                "provider's limits; timeouts come from XOAUTH2_MAIL['SMTP_TIMEOUT'].)"
+            )
+        super().__init__(
+            fail_silently, mailbox=mailbox, username=username, password=password, **kwargs
+        )
+        self.queue = outbox.QueueOptions(
+            tasks_backend=tasks_backend, queue_name=queue_name, priority=priority
+        )
+        self.tasks = tasks
+        tasks.check_queue_options(self.queue)
+
+    def send_messages(self, email_messages: Sequence[EmailMessage]) -> int:
+        messages = list(email_messages or [])
+        if not messages:
+            return 0
+        return self._call_blocking(self._queue, messages)
+
+    async def asend_messages(self, email_messages: Sequence[EmailMessage]) -> int:
+        return await sync_to_async(self.send_messages)(email_messages)
+
+    def _queue(self, messages: Sequence[EmailMessage]) -> int:
+        converted, unsendable = self._convert(messages)
+        if unsendable and not self.fail_silently:
+            # Checked here, in the caller, as a send would be: nothing of the call is queued.
+            raise next(iter(unsendable.values()))
+        items = []
+        for index, (envelope, mailbox) in converted.items():
+            signals.pre_send.send(sender=type(self), message=messages[index], mailbox=mailbox)
+            headers = BytesHeaderParser(policy=email.policy.default).parsebytes(envelope.data)
+            subject = str(headers.get("Subject", ""))
+            items.append((envelope, mailbox, str(headers.get("Message-ID", "")), subject))
+        rows = outbox.store(items, self.queue)
+        self.tasks.enqueue_on_commit(rows)
+        return len(rows)
+
+
+TASK_OPTIONS = ("mailbox", "queue_name", "priority", "tasks_backend", "fail_silently")

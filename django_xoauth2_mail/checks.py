@@ -4,6 +4,7 @@ a traceback while sending mail."""
 
 from __future__ import annotations
 
+import importlib.util
 import os
 from collections.abc import Mapping
 from typing import Any
@@ -461,3 +462,85 @@ def check_sending_limits(**kwargs: Any) -> list[CheckMessage]:
             )
         )
     return messages
+
+
+# Queued sending (TaskEmailBackend, the outbox): ids E050-E054, W050-W054. ----------
+
+
+@register(Tags.compatibility)
+def check_outbox(**kwargs: Any) -> list[CheckMessage]:
+    value = getattr(settings, "XOAUTH2_MAIL", {})
+    if not isinstance(value, Mapping):
+        return []  # reported as E001
+    messages: list[CheckMessage] = []
+    lease = value.get("OUTBOX_LEASE", DEFAULTS["OUTBOX_LEASE"])
+    if isinstance(lease, bool) or not isinstance(lease, int | float) or lease <= 0:
+        messages.append(
+            _error(
+                50,
+                "XOAUTH2_MAIL['OUTBOX_LEASE'] must be a positive number of seconds, "
+                f"not {lease!r}.",
+                f"Remove it to use the default ({DEFAULTS['OUTBOX_LEASE']!r}).",
+            )
+        )
+    elif lease < MIN_SAFE_LEASE:
+        messages.append(
+            Warning(
+                f"XOAUTH2_MAIL['OUTBOX_LEASE'] is {lease!r} s: a worker that is still sending "
+                "can lose its claim (the message is then withdrawn and sent by another "
+                "worker, never twice, but later than needed).",
+                hint=f"Use at least {MIN_SAFE_LEASE} s, or the default "
+                f"({DEFAULTS['OUTBOX_LEASE']!r}).",
+                id="xoauth2_mail.W050",
+            )
+        )
+    attempts = value.get("OUTBOX_MAX_ATTEMPTS", DEFAULTS["OUTBOX_MAX_ATTEMPTS"])
+    if isinstance(attempts, bool) or not isinstance(attempts, int) or attempts < 1:
+        messages.append(
+            _error(
+                51,
+                "XOAUTH2_MAIL['OUTBOX_MAX_ATTEMPTS'] must be a whole number of at least 1, "
+                f"not {attempts!r}.",
+                f"Remove it to use the default ({DEFAULTS['OUTBOX_MAX_ATTEMPTS']!r}).",
+            )
+        )
+    delays = value.get("OUTBOX_RETRY_DELAYS", DEFAULTS["OUTBOX_RETRY_DELAYS"])
+    if not isinstance(delays, list | tuple) or not all(
+        isinstance(d, int | float) and not isinstance(d, bool) and d >= 0 for d in delays
+    ):
+        messages.append(
+            _error(
+                52,
+                f"XOAUTH2_MAIL['OUTBOX_RETRY_DELAYS'] must be a list of seconds, not {delays!r}.",
+                "e.g. [60, 300, 900]: retry a queued message that failed for now after a "
+                "minute, then 5, then 15 minutes (the last entry repeats).",
+            )
+        )
+    return messages + _check_tasks_framework()
+
+
+# Room for a token refresh and a slow SMTP exchange within one claim.
+MIN_SAFE_LEASE = 60
+TASK_BACKEND_PATH = "django_xoauth2_mail.backends.TaskEmailBackend"
+
+
+def _check_tasks_framework() -> list[CheckMessage]:
+    configured = [getattr(settings, "EMAIL_BACKEND", "")]
+    mailers = getattr(settings, "MAILERS", None)
+    if isinstance(mailers, Mapping):
+        configured += [m.get("BACKEND", "") for m in mailers.values() if isinstance(m, Mapping)]
+    if TASK_BACKEND_PATH not in configured:
+        return []
+    if importlib.util.find_spec("django.tasks") or importlib.util.find_spec("django_tasks"):
+        return []
+    return [
+        _error(
+            53,
+            "TaskEmailBackend needs Django's Tasks framework: django.tasks (Django 6.0+) or "
+            "the django-tasks backport, and neither is installed.",
+            'On Django 5.2: pip install "django-xoauth2-mail[tasks]" "django-tasks-db[compat]"; '
+            'on Django 6.x: pip install "django-xoauth2-mail[tasks]". Then add '
+            "'django_tasks_db' (and on 5.2 'django_tasks') to INSTALLED_APPS and configure "
+            "settings.TASKS.",
+        )
+    ]

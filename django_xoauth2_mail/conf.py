@@ -47,6 +47,14 @@ DEFAULTS: dict[str, Any] = {
     "LIMIT_WAIT": 120.0,
     # Seconds a session slot stays taken after its process stopped renewing it.
     "SESSION_LEASE": 60.0,
+    # Queued sending (TaskEmailBackend): seconds after which a message claimed by
+    # a worker that stopped answering is taken back.
+    "OUTBOX_LEASE": 300,
+    # Sending tries of one queued message before it is marked failed.
+    "OUTBOX_MAX_ATTEMPTS": 5,
+    # Seconds before each retry of a queued message that failed for a temporary
+    # reason (after the worker's own SMTP_RETRY_DELAYS); the last entry repeats.
+    "OUTBOX_RETRY_DELAYS": (60.0, 300.0, 900.0, 3600.0),
 }
 
 
@@ -117,6 +125,18 @@ class Settings:
     @property
     def SESSION_LEASE(self) -> float:
         return float(self.get("SESSION_LEASE"))
+
+    @property
+    def OUTBOX_LEASE(self) -> float:
+        return float(self.get("OUTBOX_LEASE"))
+
+    @property
+    def OUTBOX_MAX_ATTEMPTS(self) -> int:
+        return int(self.get("OUTBOX_MAX_ATTEMPTS"))
+
+    @property
+    def OUTBOX_RETRY_DELAYS(self) -> tuple[float, ...]:
+        return tuple(float(delay) for delay in self.get("OUTBOX_RETRY_DELAYS"))
 
 
 conf = Settings()

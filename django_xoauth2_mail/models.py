@@ -127,3 +127,68 @@ class SendingLease(models.Model):
 
     def __repr__(self) -> str:
         return f"<SendingLease {self.kind} #{self.number} of mailbox {self.mailbox_id}>"
+
+
+class OutboxStatus(models.TextChoices):
+    QUEUED = "queued", _("Queued")
+    SENDING = "sending", _("Sending")
+    SENT = "sent", _("Sent")
+    FAILED = "failed", _("Failed")
+    UNDETERMINED = "undetermined", _("Undetermined")
+
+
+class OutboxMessage(models.Model):
+    """One message queued by TaskEmailBackend, with the exact bytes to send.
+
+    The bookkeeping (outbox.py) moves it queued -> sending -> sent / failed /
+    undetermined; ``end_of_data_at`` marks that the message's data was about
+    to go out, after which sending it again could deliver it twice.
+    """
+
+    message_id = models.CharField(_("Message-ID"), max_length=998, blank=True, db_index=True)
+    # PROTECT: deleting a mailbox must not silently drop the mail queued from it.
+    mailbox = models.ForeignKey(
+        Mailbox, on_delete=models.PROTECT, related_name="outbox", verbose_name=_("mailbox")
+    )
+    status = models.CharField(
+        _("status"), max_length=16, choices=OutboxStatus.choices, default=OutboxStatus.QUEUED
+    )
+    subject = models.CharField(_("subject"), max_length=255, blank=True, default="")
+    sender = models.TextField(_("envelope sender"))
+    recipients = models.JSONField(_("envelope recipients"))
+    data = models.BinaryField(_("message bytes"))
+    smtputf8 = models.BooleanField(default=False)
+    attempts = models.PositiveIntegerField(_("attempts"), default=0)
+    last_error = models.TextField(_("last error"), blank=True, default="")
+    refused_recipients = models.JSONField(_("refused recipients"), default=dict, blank=True)
+    created_at = models.DateTimeField(_("queued at"), auto_now_add=True)
+    sent_at = models.DateTimeField(_("sent at"), null=True, blank=True)
+    # When a queued message is due (later than created_at after a temporary failure).
+    next_attempt_at = models.DateTimeField(_("next attempt"), default=timezone.now)
+    # The claim of the worker sending it, and until when the claim holds.
+    claimed_by = models.CharField(max_length=64, blank=True, default="", editable=False)
+    lease_expires_at = models.DateTimeField(null=True, blank=True, editable=False)
+    end_of_data_at = models.DateTimeField(null=True, blank=True, editable=False)
+    # How to enqueue it again (TaskEmailBackend's options).
+    tasks_backend = models.CharField(max_length=100, default="default", editable=False)
+    queue_name = models.CharField(max_length=100, default="default", editable=False)
+    priority = models.IntegerField(default=0, editable=False)
+    # The last task enqueued for it: retry_outbox asks the Tasks backend whether
+    # it still waits, so a long backlog is not enqueued twice.
+    task_id = models.CharField(max_length=64, blank=True, default="", editable=False)
+    updated_at = models.DateTimeField(_("updated"), auto_now=True)
+
+    class Meta:
+        verbose_name = _("outbox message")
+        verbose_name_plural = _("outbox")
+        ordering = ["-created_at", "-pk"]
+        indexes = [
+            models.Index(fields=["status", "next_attempt_at"], name="xoauth2_mail_outbox_due"),
+            models.Index(fields=["status", "lease_expires_at"], name="xoauth2_mail_outbox_lease"),
+        ]
+
+    def __str__(self) -> str:
+        return self.message_id or f"outbox message {self.pk}"
+
+    def __repr__(self) -> str:
+        return f"<OutboxMessage {self.pk} {self.message_id} ({self.status})>"

@@ -15,6 +15,9 @@ pre_send = Signal()
 # Sent by EmailBackend after each message was handled.
 # Arguments: message, mailbox, sent (bool), error (str or None),
 # refused_recipients (dict address -> (code, reply)), undetermined (bool).
+# From TaskEmailBackend's workers the sender is OutboxMessage, ``message`` is the
+# message as sent (an email.message.EmailMessage parsed from the stored bytes), and
+# an extra argument, outbox_message, is the OutboxMessage row.
 post_send = Signal()
 
 # Sent by the Mailbox class after a new access token was saved.

@@ -76,3 +76,10 @@ XOAUTH2_MAIL: dict[str, object] = {"PROVIDERS": {}}
 # Django's default hasher costs about a second per user on a busy CI machine, and many
 # tests create staff users; what is under test here is not password hashing.
 PASSWORD_HASHERS = ["django.contrib.auth.hashers.MD5PasswordHasher"]
+
+# Queued sending (TaskEmailBackend): django-tasks-db, on django.tasks (Django 6.x) or on
+# the django-tasks backport (Django 5.2).
+if django.VERSION < (6, 0):
+    INSTALLED_APPS.append("django_tasks")
+INSTALLED_APPS.append("django_tasks_db")
+TASKS = {"default": {"BACKEND": "django_tasks_db.DatabaseBackend", "QUEUES": ["default", "mail"]}}

@@ -2,12 +2,18 @@
 
 from __future__ import annotations
 
+import importlib.util
 from typing import Any
 
 import pytest
 from cryptography.fernet import Fernet
 
-from django_xoauth2_mail.checks import check_security, check_settings, check_standards_settings
+from django_xoauth2_mail.checks import (
+    check_outbox,
+    check_security,
+    check_settings,
+    check_standards_settings,
+)
 
 GOOD_OAUTH2 = {
     "CLIENT_ID": "id",
@@ -126,3 +132,40 @@ def test_provider_specific_problems_are_e017(settings, provider, values):
 )
 def test_good_provider_settings_pass(settings, provider, values):
     assert ids_for(settings, {"PROVIDERS": {provider: values}}) == []
+
+
+@pytest.mark.parametrize(
+    ("value", "expected"),
+    [
+        ({"OUTBOX_LEASE": 0}, "xoauth2_mail.E050"),
+        ({"OUTBOX_LEASE": "300"}, "xoauth2_mail.E050"),
+        ({"OUTBOX_LEASE": 10}, "xoauth2_mail.W050"),
+        ({"OUTBOX_MAX_ATTEMPTS": 0}, "xoauth2_mail.E051"),
+        ({"OUTBOX_MAX_ATTEMPTS": 2.5}, "xoauth2_mail.E051"),
+        ({"OUTBOX_RETRY_DELAYS": 60}, "xoauth2_mail.E052"),
+        ({"OUTBOX_RETRY_DELAYS": [60, -1]}, "xoauth2_mail.E052"),
+    ],
+)
+def test_outbox_settings(settings, value, expected):
+    settings.XOAUTH2_MAIL = value
+    assert [str(message.id) for message in check_outbox()] == [expected]
+
+
+def test_good_outbox_settings_have_no_messages(settings):
+    settings.XOAUTH2_MAIL = {
+        "OUTBOX_LEASE": 600,
+        "OUTBOX_MAX_ATTEMPTS": 3,
+        "OUTBOX_RETRY_DELAYS": [30, 120.5],
+    }
+    assert check_outbox() == []
+
+
+def test_task_backend_without_the_tasks_framework(settings, monkeypatch):
+    settings.EMAIL_BACKEND = "django_xoauth2_mail.backends.TaskEmailBackend"
+    settings.MAILERS = {"default": {"BACKEND": "django_xoauth2_mail.backends.TaskEmailBackend"}}
+    assert check_outbox() == []  # installed here
+    # As on a site that installed neither django.tasks (Django < 6) nor the backport:
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name: None)
+    (error,) = check_outbox()
+    assert error.id == "xoauth2_mail.E053"
+    assert "django-tasks-db[compat]" in str(error.hint)

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import os
-from collections.abc import Hashable
+from collections.abc import Awaitable, Callable, Hashable
 from dataclasses import dataclass, field
 
 from django.core.mail.utils import DNS_NAME
@@ -47,6 +47,9 @@ class MailboxJob:
     items: list[tuple[int, Envelope]] = field(default_factory=list)
     results: dict[int, DeliveryResult] = field(default_factory=dict)
     errors: dict[int, Exception] = field(default_factory=dict)
+    # The outbox's check-in just before a message's data goes out (by index):
+    # it records the point after which a resend could duplicate the message.
+    before_end_of_data: Callable[[int], Awaitable[bool]] | None = None
 
     @property
     def key(self) -> Hashable:
@@ -128,7 +131,8 @@ class Dispatcher:
         while queue:
             index, envelope = queue.pop()
             try:
-                result = job.results[index] = await session.send(envelope)
+                result = await session.send(envelope, _check_in(job, index))
+                job.results[index] = result
                 if result.stalled:
                     # Every further wait for this server would likely run out too:
                     # keep the call within its documented duration (docs/backend.rst).
@@ -213,3 +217,14 @@ class Dispatcher:
             limits=limits,
             limit_wait=conf.LIMIT_WAIT if wait is None else wait,
         )
+
+
+def _check_in(job: MailboxJob, index: int) -> Callable[[], Awaitable[bool]] | None:
+    hook = job.before_end_of_data
+    if hook is None:
+        return None
+
+    async def before_end_of_data() -> bool:
+        return await hook(index)
+
+    return before_end_of_data

@@ -43,6 +43,7 @@ from django_xoauth2_mail.sending.sasl import (
 )
 from django_xoauth2_mail.sending.transaction import (
     TRANSIENT_CODES,
+    BeforeEndOfData,
     ConnectionLostBeforeData,
     ServerStalled,
     TransactionResult,
@@ -144,6 +145,8 @@ class DeliveryResult:
     undetermined: bool = False
     # The server stopped answering: nothing more goes to it within this call.
     stalled: bool = False
+    # Not delivered, for reasons that may pass (4xx): the outbox tries again later.
+    transient: bool = False
 
 
 class SMTPSession:
@@ -363,18 +366,26 @@ class SMTPSession:
         if lease is not None:
             await lease.release()
 
-    async def send(self, envelope: Envelope) -> DeliveryResult:
-        """Send one message within the mailbox's shared RATE_LIMIT (see ``_send``)."""
+    async def send(
+        self, envelope: Envelope, before_end_of_data: BeforeEndOfData | None = None
+    ) -> DeliveryResult:
+        """Send one message within the mailbox's shared RATE_LIMIT (see ``_send``).
+
+        ``before_end_of_data`` (the outbox's check-in) is awaited once the server
+        waits for the message data; False withdraws the message unsent.
+        """
         permit = None
         if self.limits is not None:
             permit = await self.limits.take_permit(self.limit_wait)
         try:
-            return await self._send(envelope)
+            return await self._send(envelope, before_end_of_data)
         finally:
             if permit is not None:
                 await permit.done()
 
-    async def _send(self, envelope: Envelope) -> DeliveryResult:
+    async def _send(
+        self, envelope: Envelope, before_end_of_data: BeforeEndOfData | None = None
+    ) -> DeliveryResult:
         """Send one message, retrying what the server refused for now.
 
         Temporary refusals (421, 450, 451, 452, 454) of the message or of some
@@ -390,7 +401,7 @@ class SMTPSession:
             await self.limiter.wait()
         async with self.lock:
             while True:
-                attempt = await self._attempt(envelope, pending)
+                attempt = await self._attempt(envelope, pending, before_end_of_data)
                 result.refused.update(attempt.refused)
                 result.delivered = result.delivered or bool(attempt.delivered_to)
                 if attempt.undetermined or attempt.stalled:
@@ -405,6 +416,7 @@ class SMTPSession:
                 if delay is None:
                     if not result.delivered:
                         result.error = attempt.error or "every recipient was refused"
+                        result.transient = attempt.transient or bool(retry)
                     return result
                 logger.info(
                     "Temporary SMTP refusal for %s (%s); retrying in %.1f s",
@@ -417,7 +429,12 @@ class SMTPSession:
                     result.refused.pop(recipient, None)
                 pending = retry
 
-    async def _attempt(self, envelope: Envelope, recipients: list[str]) -> TransactionResult:
+    async def _attempt(
+        self,
+        envelope: Envelope,
+        recipients: list[str],
+        before_end_of_data: BeforeEndOfData | None = None,
+    ) -> TransactionResult:
         """One transaction, on a new connection if the one held turns out dead.
 
         A server that stops answering is not tried again: another wait of
@@ -433,7 +450,7 @@ class SMTPSession:
                 await self.close()
                 await self.open()
             try:
-                return await self._transact(envelope, recipients)
+                return await self._transact(envelope, recipients, before_end_of_data)
             except ServerStalled as exc:
                 if not may_be_stale:
                     return TransactionResult(
@@ -448,7 +465,12 @@ class SMTPSession:
                 logger.info("SMTP connection of %s was lost; reconnecting", self.username)
         raise AssertionError("unreachable")
 
-    async def _transact(self, envelope: Envelope, recipients: list[str]) -> TransactionResult:
+    async def _transact(
+        self,
+        envelope: Envelope,
+        recipients: list[str],
+        before_end_of_data: BeforeEndOfData | None = None,
+    ) -> TransactionResult:
         client = self.client
         assert client is not None
         options = self._mail_options(client, envelope)
@@ -463,6 +485,7 @@ class SMTPSession:
                 options=options,
                 encoding="utf-8" if envelope.smtputf8 else "ascii",
                 timeout=self.timeout,
+                before_end_of_data=before_end_of_data,
             )
         except aiosmtplib.SMTPException as exc:  # e.g. a reply that is not SMTP
             client.close()

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import Iterator, Sequence
+from collections.abc import Awaitable, Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 
 import aiosmtplib
@@ -27,6 +27,11 @@ from aiosmtplib.protocol import LINE_ENDINGS_REGEX, PERIOD_REGEX, SMTPProtocol
 WRITE_CHUNK = 256 * 1024
 # Replies that mean "not now": the same transaction may succeed later.
 TRANSIENT_CODES = frozenset({421, 450, 451, 452, 454})
+
+
+# Asked just before the message data (and its final ".") goes out; False withdraws
+# the message: the connection is dropped, so the server cannot deliver it.
+BeforeEndOfData = Callable[[], Awaitable[bool]]
 
 
 class ConnectionLostBeforeData(Exception):
@@ -138,6 +143,7 @@ async def transact(
     options: Sequence[str],
     encoding: str,
     timeout: float,
+    before_end_of_data: BeforeEndOfData | None = None,
 ) -> TransactionResult:
     protocol = adopt(client)
     mail = _command(b"MAIL FROM:", sender, options, encoding)
@@ -161,7 +167,9 @@ async def transact(
         except aiosmtplib.SMTPServerDisconnected as exc:
             client.close()
             raise ConnectionLostBeforeData(str(exc)) from None
-        return await _finish(client, protocol, recipients, replies, data, timeout)
+        return await _finish(
+            client, protocol, recipients, replies, data, timeout, before_end_of_data
+        )
 
 
 def _command(verb: bytes, address: str, options: Sequence[str], encoding: str) -> bytes:
@@ -178,6 +186,7 @@ async def _finish(
     replies: list[aiosmtplib.SMTPResponse],
     data: bytes,
     timeout: float,
+    before_end_of_data: BeforeEndOfData | None = None,
 ) -> TransactionResult:
     mail_reply = replies[0]
     result = TransactionResult()
@@ -199,6 +208,12 @@ async def _finish(
         else:
             result.error = "the server refused every recipient"
         return await _abandon(client, protocol, replies, len(recipients) + 2, result)
+    if before_end_of_data is not None and not await before_end_of_data():
+        # The outbox took the message back (this worker's lease ran out): the
+        # server waits for data that must not come, so drop the connection.
+        drop(client)
+        result.error = "the message was withdrawn before its data was sent"
+        return result
     # Until the final "." has gone out, the server cannot have accepted the
     # message: sending it again on a new connection would be safe.
     try:
