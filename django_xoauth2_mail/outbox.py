@@ -151,6 +151,24 @@ def retry_later(pk: int, token: str, attempts: int, error: str) -> dt.datetime |
     return due if requeued else None
 
 
+def defer(pk: int, token: str, seconds: float, error: str) -> dt.datetime | None:
+    """Queue a message again after ``seconds`` without using up one of its attempts:
+    it was not tried (its mailbox's shared RATE_LIMIT or MAX_SESSIONS had no room).
+    None if the claim was lost."""
+    due = timezone.now() + dt.timedelta(seconds=seconds)
+    requeued = finish(
+        pk,
+        token,
+        OutboxStatus.QUEUED,
+        claimed_by="",
+        end_of_data_at=None,
+        next_attempt_at=due,
+        last_error=error,
+        attempts=F("attempts") - 1,  # claim() counted it
+    )
+    return due if requeued else None
+
+
 def retry_delay(attempts: int) -> float:
     """Seconds before the next try, with jitter: a deferred task jumps ahead of
     never-deferred ones in some queues, so many retries falling due at once

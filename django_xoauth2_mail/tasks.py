@@ -16,6 +16,7 @@ import datetime as dt
 import email
 import email.policy
 import logging
+import random
 import time
 from collections.abc import Iterable
 
@@ -29,6 +30,7 @@ from django_xoauth2_mail.exceptions import (
     ConfigurationError,
     MailboxDisconnected,
     MailboxReconnectRequired,
+    SendingLimitReached,
     SMTPAuthenticationFailed,
     XOAuth2MailError,
 )
@@ -60,6 +62,8 @@ logger = logging.getLogger(__name__)
 # the same mailbox: long enough for a busy queue, short enough not to sit on
 # one of a mailbox's few allowed sessions while the queue is quiet.
 WORKER_KEEP_ALIVE = 10.0
+# Seconds a worker waits for room under its mailbox's shared limits before deferring.
+WORKER_LIMIT_WAIT = 5.0
 # Each worker looks for stalled claims at most this often (a fraction of the lease).
 RECOVERY_EVERY = 0.1
 _last_recovery = 0.0
@@ -166,6 +170,9 @@ def _worker_dispatcher() -> Dispatcher:
         timeout=conf.SMTP_TIMEOUT,
         keep_alive=WORKER_KEEP_ALIVE,
         retry_delays=conf.SMTP_RETRY_DELAYS,
+        # A worker runs one task at a time: waiting long for a capped mailbox would hold
+        # up every other mailbox's mail. It defers the message instead (_record_error).
+        limit_wait=WORKER_LIMIT_WAIT,
     )
     if _dispatcher is None or _dispatcher.options != options:
         _dispatcher = Dispatcher(options)
@@ -226,6 +233,8 @@ def _record_result(row: OutboxMessage, token: str, result: DeliveryResult) -> st
 def _record_error(row: OutboxMessage, token: str, error: Exception) -> str:
     """A failure before any message data: the mailbox, its token, the connection."""
     result = DeliveryResult(error=str(error))
+    if isinstance(error, SendingLimitReached):
+        return _defer(row, token, error)
     if _is_permanent(error):
         if not outbox.finish(row.pk, token, OutboxStatus.FAILED, last_error=str(error)):
             return CLAIM_LOST
@@ -252,6 +261,19 @@ def _retry(row: OutboxMessage, token: str, error: str, result: DeliveryResult) -
         return row.status
     enqueue([row], run_after=due)
     logger.info("Outbox message %s failed for now (%s); next try after %s", row.pk, error, due)
+    return OutboxStatus.QUEUED
+
+
+def _defer(row: OutboxMessage, token: str, error: SendingLimitReached) -> str:
+    # Until room is expected (RATE_LIMIT says when), or a few seconds for a session slot,
+    # with jitter: capped messages re-deferred together would jump ahead of every
+    # never-deferred task in some queues and starve the other mailboxes.
+    wait = error.retry_after if error.retry_after is not None else WORKER_LIMIT_WAIT
+    due = outbox.defer(row.pk, token, wait * random.uniform(1.0, 1.5) + 1.0, str(error))
+    if due is None:
+        return CLAIM_LOST
+    enqueue([row], run_after=due)
+    logger.info("Outbox message %s waits for its mailbox's limits until %s", row.pk, due)
     return OutboxStatus.QUEUED
 
 

@@ -333,3 +333,25 @@ def test_a_message_queued_on_a_machine_whose_clock_runs_ahead_is_sent(mailbox, x
     run_worker()
     assert OutboxMessage.objects.get().status == OutboxStatus.SENT
     assert len(xoauth2_smtp_server.messages) == 1
+
+
+def test_a_capped_mailbox_defers_without_using_attempts(
+    settings, mailbox, xoauth2_smtp_server, fast_retries, monkeypatch
+):
+    """RATE_LIMIT reached: the worker does not sit out the window (it runs one task at a
+    time, other mailboxes wait behind it); it defers the message until room is expected,
+    and a deferral is not a failed attempt."""
+    monkeypatch.setattr(tasks, "WORKER_LIMIT_WAIT", 0.2)
+    settings.XOAUTH2_MAIL["PROVIDERS"]["oauth2"]["RATE_LIMIT"] = 1
+    settings.XOAUTH2_MAIL["OUTBOX_MAX_ATTEMPTS"] = 1
+    queue(message("First"), message("Second"))
+
+    run_worker()
+
+    assert len(xoauth2_smtp_server.messages) == 1
+    first, second = OutboxMessage.objects.order_by("pk")
+    assert first.status == OutboxStatus.SENT
+    assert second.status == OutboxStatus.QUEUED and second.attempts == 0
+    assert "RATE_LIMIT" in second.last_error
+    # Room is expected when the first message's minute is over, not before.
+    assert second.next_attempt_at > timezone.now() + dt.timedelta(seconds=30)
