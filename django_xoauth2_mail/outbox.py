@@ -138,23 +138,19 @@ def retry_later(pk: int, token: str, attempts: int, error: str) -> dt.datetime |
             last_error=f"Gave up after {attempts} attempts. Last error: {error}",
         )
         return None
-    due = timezone.now() + dt.timedelta(seconds=retry_delay(attempts))
-    requeued = finish(
-        pk,
-        token,
-        OutboxStatus.QUEUED,
-        claimed_by="",
-        end_of_data_at=None,
-        next_attempt_at=due,
-        last_error=error,
-    )
-    return due if requeued else None
+    return _queue_again(pk, token, retry_delay(attempts), error)
 
 
 def defer(pk: int, token: str, seconds: float, error: str) -> dt.datetime | None:
     """Queue a message again after ``seconds`` without using up one of its attempts:
     it was not tried (its mailbox's shared RATE_LIMIT or MAX_SESSIONS had no room).
     None if the claim was lost."""
+    return _queue_again(pk, token, seconds, error, attempts=F("attempts") - 1)  # claim() counted it
+
+
+def _queue_again(
+    pk: int, token: str, seconds: float, error: str, **fields: object
+) -> dt.datetime | None:
     due = timezone.now() + dt.timedelta(seconds=seconds)
     requeued = finish(
         pk,
@@ -164,7 +160,7 @@ def defer(pk: int, token: str, seconds: float, error: str) -> dt.datetime | None
         end_of_data_at=None,
         next_attempt_at=due,
         last_error=error,
-        attempts=F("attempts") - 1,  # claim() counted it
+        **fields,
     )
     return due if requeued else None
 

@@ -71,3 +71,18 @@ def mailbox(
     transactional_db: None, real_backend: None, oauth2_settings: dict[str, Any], oauth2_server: Any
 ) -> Iterator[Mailbox]:
     yield make_mailbox(oauth2_server)
+
+
+@pytest.fixture
+def post_sends() -> Iterator[list[dict[str, Any]]]:
+    """The keyword arguments of every post_send signal sent during the test, in order."""
+    from django_xoauth2_mail.signals import post_send
+
+    seen: list[dict[str, Any]] = []
+
+    def receiver(sender: Any, **kwargs: Any) -> None:
+        seen.append(kwargs)
+
+    post_send.connect(receiver)
+    yield seen
+    post_send.disconnect(receiver)

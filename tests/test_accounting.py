@@ -15,7 +15,7 @@ from django.utils import timezone
 from django_xoauth2_mail.backends import EmailBackend
 from django_xoauth2_mail.devserver.smtp import DROP
 from django_xoauth2_mail.exceptions import InvalidMessage, MailboxNotFound, SendError
-from django_xoauth2_mail.signals import post_send, pre_send
+from django_xoauth2_mail.signals import pre_send
 from django_xoauth2_mail.testing import XOAuth2SMTPServer
 from tests.conftest import SENDER
 
@@ -24,18 +24,6 @@ pytestmark = pytest.mark.django_db(transaction=True)
 
 def batch(count: int, sender: str = SENDER) -> list[EmailMessage]:
     return [EmailMessage(f"M{n}", "Body", sender, ["to@example.org"]) for n in range(count)]
-
-
-@pytest.fixture
-def post_sends():
-    seen: list[dict[str, object]] = []
-
-    def receiver(sender, **kwargs):
-        seen.append(kwargs)
-
-    post_send.connect(receiver)
-    yield seen
-    post_send.disconnect(receiver)
 
 
 @pytest.fixture

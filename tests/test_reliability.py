@@ -11,7 +11,6 @@ from django.core.mail import EmailMessage
 from django_xoauth2_mail.backends import EmailBackend
 from django_xoauth2_mail.devserver.smtp import DROP, HANG
 from django_xoauth2_mail.exceptions import SendError
-from django_xoauth2_mail.signals import post_send
 from django_xoauth2_mail.testing import XOAuth2SMTPServer
 from tests.conftest import SENDER
 
@@ -33,18 +32,6 @@ def subjects(server) -> list[str]:
     return [email.message_from_bytes(m.data)["Subject"] for m in server.messages]
 
 
-@pytest.fixture
-def signals_seen():
-    seen: list[dict[str, object]] = []
-
-    def receiver(sender, **kwargs):
-        seen.append(kwargs)
-
-    post_send.connect(receiver)
-    yield seen
-    post_send.disconnect(receiver)
-
-
 @pytest.mark.parametrize("pipelining", [True, False], ids=["pipelining", "no-pipelining"])
 def test_connection_dropped_between_messages_reconnects_and_goes_on(
     pipelining, settings, mailbox, oauth2_server
@@ -60,7 +47,7 @@ def test_connection_dropped_between_messages_reconnects_and_goes_on(
 
 
 def test_no_reply_after_end_of_data_is_undetermined_and_not_resent(
-    settings, mailbox, oauth2_server, signals_seen
+    settings, mailbox, oauth2_server, post_sends
 ):
     with XOAuth2SMTPServer(oauth2_server.validate_access_token) as server:
         settings.XOAUTH2_MAIL["PROVIDERS"]["oauth2"]["SMTP_PORT"] = server.port
@@ -75,7 +62,7 @@ def test_no_reply_after_end_of_data_is_undetermined_and_not_resent(
     (failure,) = error.failures
     assert failure.index == 1 and failure.undetermined
     assert "may or may not have been delivered" in str(error)
-    assert [s["undetermined"] for s in signals_seen] == [False, True, False]
+    assert [s["undetermined"] for s in post_sends] == [False, True, False]
 
 
 @pytest.mark.parametrize(
