@@ -62,7 +62,7 @@ class Demo:
         self.start_devserver()
         approved_at = self.connect()
         step(4, "Send a message with send_mail(): the access token from the consent is used")
-        self.send("Hello from the demo (1/3)", mechanism="XOAUTH2")
+        self.send("Hello from the demo (1/3)", "XOAUTH2")
         step(5, f"Wait until the access token expires ({self.token_lifetime} s), send again")
         wait = approved_at + self.token_lifetime + 1 - time.time()
         if wait > 0:
