@@ -7,6 +7,7 @@ it out with ``-k "not scripts_demo"`` or ``XOAUTH2_MAIL_SKIP_DEMO=1``.
 
 from __future__ import annotations
 
+import io
 import os
 import re
 import socket
@@ -16,8 +17,10 @@ from typing import Any
 
 import pytest
 from django.contrib.auth.models import User
+from django.core.management import call_command
 from django.test import Client
 
+from example_project.management.commands.send_demo_mail import Command as SendDemoMail
 from tests.test_dev_provider import DEMO, connect_through_consent, dev_site
 
 __all__ = ["dev_site"]  # a fixture, imported for the tests below
@@ -56,14 +59,18 @@ def test_scripts_demo(tmp_path: Path) -> None:
 
     assert process.returncode == 0, output
     emls = sorted((var_dir / "xoauth2-devserver" / "mail").glob("*.eml"))
-    assert len(emls) == 2, output
-    assert b"Subject: Hello from the demo (1/2)" in emls[0].read_bytes()
+    assert len(emls) == 3, output
+    assert b"Subject: Hello from the demo (1/3)" in emls[0].read_bytes()
+    assert b"Subject: Hello over OAUTHBEARER (3/3)" in emls[2].read_bytes()
     # The first send reused the consent's token; the second, past its lifetime, refreshed it.
     assert "Access token after:  expires at" in output
     assert ": reused, no refresh" in output
     assert ": refreshed (refresh token rotated)" in output
+    # 'auto' took XOAUTH2 for the first two; the third was told to use OAUTHBEARER.
+    sends = re.findall(r"send_demo_mail \| Sent 1 message over SMTP AUTH (\w+): ", output)
+    assert sends == ["XOAUTH2", "XOAUTH2", "OAUTHBEARER"], output
     summaries = re.findall(r"devserver \| \[[-0-9 :]+\] demo@example.com -> ", output)
-    assert len(summaries) == 2, output
+    assert len(summaries) == 3, output
     assert "devserver | Stopped." in output
     for port in re.findall(r"(?:OAuth2|SMTP) server +(?:http://)?127\.0\.0\.1:(\d+)", output):
         with pytest.raises(OSError), socket.create_connection(("127.0.0.1", int(port)), 1):
@@ -111,3 +118,16 @@ def test_password_reset_email_goes_through_the_backend(example_site: Any, client
     assert answer.status_code == 302
     output = example_site.wait_for_output("Password reset on")
     assert f"{DEMO} -> reader@example.org  'Password reset on" in output
+
+
+@pytest.mark.parametrize(
+    ("option", "used"), [([], "XOAUTH2"), (["--sasl-mechanism", "OAUTHBEARER"], "OAUTHBEARER")]
+)
+def test_send_demo_mail_names_the_mechanism_it_logged_in_with(
+    example_site: Any, option: list[str], used: str
+) -> None:
+    out = io.StringIO()
+    # The example project is not an installed app here: the command object, not its name.
+    call_command(SendDemoMail(), "--subject", f"Over {used}", *option, stdout=out)
+    assert f"Sent 1 message over SMTP AUTH {used}: {DEMO} -> someone@example.com" in out.getvalue()
+    assert f"'Over {used}'" in example_site.wait_for_output(f"'Over {used}'")

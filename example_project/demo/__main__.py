@@ -16,8 +16,8 @@ from example_project.demo.steps import Demo
 def parse_arguments(argv: list[str]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         prog="scripts/demo",
-        description="Send mail over SMTP with XOAUTH2 end to end, against the bundled "
-        "development OAuth2 and SMTP server.",
+        description="Send mail over SMTP with OAuth2 (XOAUTH2 and OAUTHBEARER) end to end, "
+        "against the bundled development OAuth2 and SMTP server.",
     )
     parser.add_argument(
         "--serve",

@@ -15,7 +15,7 @@ from django_xoauth2_mail.providers.dev import DEFAULT_OAUTH_PORT, DEFAULT_SMTP_P
 from example_project.demo.processes import DemoError, Process, free_port, heading, say
 
 URL = re.compile(r"https?://[^\s\"'<>]+")
-STEPS = 6
+STEPS = 7
 
 
 def step(number: int, text: str) -> None:
@@ -62,20 +62,25 @@ class Demo:
         self.start_devserver()
         approved_at = self.connect()
         step(4, "Send a message with send_mail(): the access token from the consent is used")
-        self.send(1, "Hello from the demo (1/2)")
+        self.send("Hello from the demo (1/3)", "XOAUTH2")
         step(5, f"Wait until the access token expires ({self.token_lifetime} s), send again")
         wait = approved_at + self.token_lifetime + 1 - time.time()
         if wait > 0:
             say(f"  Waiting {wait:.0f} s ...")
             time.sleep(wait)
-        self.send(2, "Hello again, with a refreshed token (2/2)")
+        self.send("Hello again, with a refreshed token (2/3)", "XOAUTH2", expect_refresh=True)
+        step(6, "Send with OAUTHBEARER (RFC 7628), the standard mechanism, instead of XOAUTH2")
+        say("  The dev server offers both; 'auto' (the default) takes XOAUTH2. Here the")
+        say("  provider's SASL_MECHANISM is set to OAUTHBEARER for one send_demo_mail run.")
+        self.send("Hello over OAUTHBEARER (3/3)", "OAUTHBEARER", sasl_mechanism="OAUTHBEARER")
         if serve:
             self.serve()
             return
-        step(6, "Done")
+        step(7, "Done")
         say(
-            f"  Two messages went out over SMTP with XOAUTH2 in {time.monotonic() - started:.0f} "
-            "s, and the expired access token was refreshed on the way."
+            f"  Three messages went out over SMTP in {time.monotonic() - started:.0f} s: two "
+            "with XOAUTH2 (the expired access token refreshed on the way), one with "
+            "OAUTHBEARER."
         )
         say(f"  Messages: {self.maildir}")
         say("  Next: scripts/demo --serve keeps it running to click through the admin.")
@@ -144,10 +149,19 @@ class Demo:
             raise DemoError(command.failure("failed"))
         return approved_at
 
-    def send(self, number: int, subject: str) -> None:
-        args = ["send_demo_mail", "--to", "someone@example.com", "--subject", subject]
-        say(f"  $ python manage.py {' '.join(args[:1])} --subject {subject!r}")
-        command = self.start("send_demo_mail", *args)
+    def send(
+        self,
+        subject: str,
+        mechanism: str,
+        *,
+        expect_refresh: bool = False,
+        sasl_mechanism: str | None = None,
+    ) -> None:
+        args = ["send_demo_mail", "--subject", subject]
+        if sasl_mechanism:
+            args += ["--sasl-mechanism", sasl_mechanism]
+        say(f"  $ python manage.py {args[0]} --subject {subject!r} {' '.join(args[3:])}".rstrip())
+        command = self.start("send_demo_mail", *args, "--to", "someone@example.com")
         command.echo = True
         if command.finish(60) != 0:
             raise DemoError(command.failure(f"failed (exit code {command.popen.returncode})"))
@@ -156,8 +170,10 @@ class Demo:
         summary = self.devserver.wait_for(lambda line: repr(subject) in line, 15)
         eml = self.maildir / summary.rsplit(" ", 1)[-1]
         show_message(eml)
-        if number == 2 and not any("refreshed" in line for line in lines):
-            raise DemoError("The second send did not refresh the access token; see above.")
+        if not any(f"over SMTP AUTH {mechanism}:" in line for line in lines):
+            raise DemoError(f"That message did not go out with {mechanism}; see above.")
+        if expect_refresh and not any("refreshed" in line for line in lines):
+            raise DemoError("That send did not refresh the access token; see above.")
 
     def serve(self) -> None:
         step(STEPS, "Serve the example site (--serve)")
