@@ -15,21 +15,19 @@ import email
 import io
 import os
 import signal
-import subprocess
-import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 from django.core.mail import EmailMessage
 from django.core.management import call_command
-from django.db import connection
 
 from django_xoauth2_mail.backends import TaskEmailBackend
 from django_xoauth2_mail.models import OutboxMessage, OutboxStatus
 from tests.conftest import make_mailbox
+from tests.db_workers import DBWorkers, outbox_counts, wait_until
 
 pytestmark = [
     pytest.mark.postgres,
@@ -40,7 +38,6 @@ pytestmark = [
     pytest.mark.django_db(transaction=True),
 ]
 
-ROOT = Path(__file__).resolve().parent.parent
 WORKERS = 4
 MESSAGES = 500
 SENDERS = ("first@example.com", "second@example.com")
@@ -48,52 +45,13 @@ SENDERS = ("first@example.com", "second@example.com")
 LEASE = 5
 
 
-def wait_until(condition: Callable[[], bool], timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
-        time.sleep(0.2)
-
-
-def counts() -> dict[str, int]:
-    return collections.Counter(OutboxMessage.objects.values_list("status", flat=True))
-
-
 @pytest.fixture
-def workers(tmp_path: Path, settings: Any, oauth2_settings: dict[str, Any]) -> Iterator[Any]:
+def workers(tmp_path: Path, oauth2_settings: dict[str, Any]) -> Iterator[Any]:
     """Starts WORKERS db_worker processes on the test database, with these settings."""
     oauth2_settings.update(OUTBOX_LEASE=LEASE)
-    (tmp_path / "worker_settings.py").write_text(
-        "from tests.settings import *  # noqa\n"
-        f"DATABASES['default']['NAME'] = {connection.settings_dict['NAME']!r}\n"
-        f"XOAUTH2_MAIL = {oauth2_settings!r}\n"
-    )
-    env = {
-        **os.environ,
-        "DJANGO_SETTINGS_MODULE": "worker_settings",
-        "PYTHONPATH": os.pathsep.join([str(tmp_path), str(ROOT)]),
-    }
-    started: list[subprocess.Popen[bytes]] = []
-
-    def start() -> list[subprocess.Popen[bytes]]:
-        for number in range(WORKERS):
-            log = open(tmp_path / f"worker{number}.log", "wb")  # noqa: SIM115
-            command = [sys.executable, "-m", "django", "db_worker", "--no-startup-delay"]
-            command += ["--interval=0.05", "--queue-name=*", f"--worker-id=w{number}"]
-            started.append(subprocess.Popen(command, env=env, stdout=log, stderr=log))
-        return started
-
-    yield start
-    for process in started:
-        if process.poll() is None:
-            process.send_signal(signal.SIGTERM)
-    for process in started:
-        try:
-            process.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
+    started = DBWorkers(tmp_path, oauth2_settings)
+    yield lambda: started.start(WORKERS)
+    started.stop()
 
 
 def test_four_workers_one_killed_every_message_exactly_once(
@@ -115,7 +73,7 @@ def test_four_workers_one_killed_every_message_exactly_once(
     kills = 1
 
     def settled() -> bool:
-        state = counts()
+        state = outbox_counts()
         return state[OutboxStatus.QUEUED] == 0 and state[OutboxStatus.SENDING] <= kills
 
     wait_until(settled, 180, "the other workers to send the rest")
@@ -124,12 +82,12 @@ def test_four_workers_one_killed_every_message_exactly_once(
     time.sleep(LEASE + 0.5)
     call_command("retry_outbox", stdout=io.StringIO())
     wait_until(
-        lambda: counts()[OutboxStatus.QUEUED] + counts()[OutboxStatus.SENDING] == 0,
+        lambda: outbox_counts()[OutboxStatus.QUEUED] + outbox_counts()[OutboxStatus.SENDING] == 0,
         60,
         "the taken-back message to be sent",
     )
 
-    state = counts()
+    state = outbox_counts()
     assert state[OutboxStatus.FAILED] == 0, list(
         OutboxMessage.objects.filter(status=OutboxStatus.FAILED).values_list("last_error")
     )

@@ -8,11 +8,9 @@ This module imports no models at the top: the children import tests.sending.limi
 
 from __future__ import annotations
 
-import collections
 import itertools
 import multiprocessing
 import os
-import threading
 import time
 from typing import Any
 
@@ -25,6 +23,7 @@ from tests.sending.limits_child import (
     send_kept_alive_and_exit,
     send_kept_alive_and_stay,
 )
+from tests.smtp_sessions import SessionCounter, counting_protocol
 
 FIRST, SECOND = "bulk@example.com", "alerts@example.com"
 PROCESSES = 4
@@ -33,44 +32,6 @@ RATE_LIMIT = 3
 MAX_SESSIONS = 2
 WINDOW = 2.0  # seconds; production's is 60
 SECOND_SENDERS = 2  # two messages from the second mailbox: under both of its caps
-
-
-class SessionCounter:
-    """Authenticated sessions open at the server, per user, and the most seen at once."""
-
-    def __init__(self) -> None:
-        self.lock = threading.Lock()
-        self.open: collections.Counter[str] = collections.Counter()
-        self.peak: collections.Counter[str] = collections.Counter()
-
-    def opened(self, user: str) -> None:
-        with self.lock:
-            self.open[user] += 1
-            self.peak[user] = max(self.peak[user], self.open[user])
-
-    def closed(self, user: str) -> None:
-        with self.lock:
-            self.open[user] -= 1
-
-
-def counting_protocol(counter: SessionCounter) -> type[Any]:
-    class CountingProtocol(devserver_smtp._XOAuth2Protocol):
-        counted_user: str | None = None
-
-        async def auth_XOAUTH2(self, server: Any, args: list[str]) -> Any:
-            result = await super().auth_XOAUTH2(server, args)
-            if result.success:
-                self.counted_user = str(result.auth_data)
-                counter.opened(self.counted_user)
-            return result
-
-        def connection_lost(self, exc: Exception | None) -> None:
-            if self.counted_user is not None:
-                counter.closed(self.counted_user)
-                self.counted_user = None
-            super().connection_lost(exc)
-
-    return CountingProtocol
 
 
 def run_processes(monkeypatch: Any, oauth2_server: Any, keep_alive: bool) -> None:
