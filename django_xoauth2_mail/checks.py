@@ -33,6 +33,16 @@ NUMBERS = {
 }
 
 
+def _is_number(value: Any, types: Any = int | float) -> bool:
+    """An int or float (or ``types``), but not a bool, which Python counts as an int."""
+    return isinstance(value, types) and not isinstance(value, bool)
+
+
+def _is_seconds_list(value: Any) -> bool:
+    """A list or tuple of non-negative numbers of seconds (retry delays)."""
+    return isinstance(value, list | tuple) and all(_is_number(d) and d >= 0 for d in value)
+
+
 def _error(id_number: int, msg: str, hint: str) -> Error:
     return Error(msg, hint=hint, id=f"xoauth2_mail.E{id_number:03d}")
 
@@ -59,7 +69,7 @@ def check_settings(**kwargs: Any) -> list[CheckMessage]:
         )
     for key, types in NUMBERS.items():
         number = value.get(key, DEFAULTS[key])
-        if isinstance(number, bool) or not isinstance(number, types) or number <= 0:
+        if not _is_number(number, types) or number <= 0:
             messages.append(
                 _error(
                     2,
@@ -80,9 +90,7 @@ def check_settings(**kwargs: Any) -> list[CheckMessage]:
             )
         )
     delays = value.get("SMTP_RETRY_DELAYS", DEFAULTS["SMTP_RETRY_DELAYS"])
-    if not isinstance(delays, list | tuple) or not all(
-        isinstance(d, int | float) and not isinstance(d, bool) and d >= 0 for d in delays
-    ):
+    if not _is_seconds_list(delays):
         messages.append(
             _error(
                 16,
@@ -194,9 +202,7 @@ def _check_smtp(label: str, values: Mapping[str, Any]) -> list[CheckMessage]:
             )
         )
     port = values.get("SMTP_PORT")
-    if port is not None and (
-        isinstance(port, bool) or not isinstance(port, int) or not 0 < port < 65536
-    ):
+    if port is not None and (not _is_number(port, int) or not 0 < port < 65536):
         messages.append(
             _error(12, f"{label}['SMTP_PORT'] must be a port number, not {port!r}.", "")
         )
@@ -328,11 +334,7 @@ def check_standards_settings(**kwargs: Any) -> list[CheckMessage]:
             )
         messages += _check_issuer(provider_id, label, values)
     cache_seconds = value.get("DISCOVERY_CACHE_SECONDS", DEFAULTS["DISCOVERY_CACHE_SECONDS"])
-    if (
-        isinstance(cache_seconds, bool)
-        or not isinstance(cache_seconds, int | float)
-        or cache_seconds <= 0
-    ):
+    if not _is_number(cache_seconds) or cache_seconds <= 0:
         messages.append(
             _error(
                 44,
@@ -413,7 +415,7 @@ MIN_SESSION_LEASE = 5
 
 
 def _whole_number(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool) and 0 < value <= 32767
+    return _is_number(value, int) and 0 < value <= 32767
 
 
 @register(Tags.compatibility)
@@ -443,7 +445,7 @@ def check_sending_limits(**kwargs: Any) -> list[CheckMessage]:
                     )
                 )
     wait = value.get("LIMIT_WAIT", DEFAULTS["LIMIT_WAIT"])
-    if isinstance(wait, bool) or not isinstance(wait, int | float) or wait <= 0:
+    if not _is_number(wait) or wait <= 0:
         messages.append(
             _error(
                 57,
@@ -452,7 +454,7 @@ def check_sending_limits(**kwargs: Any) -> list[CheckMessage]:
             )
         )
     lease = value.get("SESSION_LEASE", DEFAULTS["SESSION_LEASE"])
-    if isinstance(lease, bool) or not isinstance(lease, int | float) or lease < MIN_SESSION_LEASE:
+    if not _is_number(lease) or lease < MIN_SESSION_LEASE:
         messages.append(
             _error(
                 58,
@@ -474,7 +476,7 @@ def check_outbox(**kwargs: Any) -> list[CheckMessage]:
         return []  # reported as E001
     messages: list[CheckMessage] = []
     lease = value.get("OUTBOX_LEASE", DEFAULTS["OUTBOX_LEASE"])
-    if isinstance(lease, bool) or not isinstance(lease, int | float) or lease <= 0:
+    if not _is_number(lease) or lease <= 0:
         messages.append(
             _error(
                 50,
@@ -495,7 +497,7 @@ def check_outbox(**kwargs: Any) -> list[CheckMessage]:
             )
         )
     attempts = value.get("OUTBOX_MAX_ATTEMPTS", DEFAULTS["OUTBOX_MAX_ATTEMPTS"])
-    if isinstance(attempts, bool) or not isinstance(attempts, int) or attempts < 1:
+    if not _is_number(attempts, int) or attempts < 1:
         messages.append(
             _error(
                 51,
@@ -505,9 +507,7 @@ def check_outbox(**kwargs: Any) -> list[CheckMessage]:
             )
         )
     delays = value.get("OUTBOX_RETRY_DELAYS", DEFAULTS["OUTBOX_RETRY_DELAYS"])
-    if not isinstance(delays, list | tuple) or not all(
-        isinstance(d, int | float) and not isinstance(d, bool) and d >= 0 for d in delays
-    ):
+    if not _is_seconds_list(delays):
         messages.append(
             _error(
                 52,
